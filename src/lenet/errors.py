@@ -1,0 +1,29 @@
+"""The exceptions lenet raises for problems a user can fix.
+
+Every message names what is wrong and what to do about it; the CLI prints the message
+without a traceback and exits with status 2.
+"""
+
+
+class LenetError(Exception):
+    """A problem with the user's input, files or environment, explained in the message."""
+
+
+class DataError(LenetError):
+    """A dataset file is missing, corrupt, or no source could provide it."""
+
+
+class IdxFormatError(DataError):
+    """A file is not a valid IDX file (wrong magic, type, dimensions or length)."""
+
+
+class ConfigError(LenetError):
+    """A model, dataset, recipe or option value that does not exist or cannot work."""
+
+
+class RunDirError(LenetError):
+    """A run folder that would be overwritten, or that holds nothing to resume from."""
+
+
+class WeightsError(LenetError):
+    """A weights file or model card that cannot be read or does not fit its model."""
