@@ -1,0 +1,43 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+Checkpoints hold only tensors, numbers, strings, lists and dicts, so they load with
+``torch.load(weights_only=True)`` and never execute code from the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lenet.atomic import write_bytes_atomic
+from lenet.errors import RunDirError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Serialise ``state`` and replace the file at ``path`` atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint`` (safely: weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(
+            f"There is no checkpoint at {path}: nothing to resume. Start a new run instead "
+            "(without --resume)."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged or foreign files
+        raise RunDirError(
+            f"The checkpoint {path} cannot be read ({type(exc).__name__}: {exc}). It may be "
+            "damaged; start a new run with --force."
+        ) from exc

@@ -1,0 +1,181 @@
+"""What a training run is: the config dataclass, the named recipes, and their validation.
+
+Precedence when a run is configured: the dataclass defaults, then the recipe (and its
+per-model values), then every option the user gave explicitly.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from lenet.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "onecycle", "cosine")
+AUGMENT_CHOICES = ("none", "affine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run's result (and where it is written)."""
+
+    model: str = "lenet"  # a name from `lenet models`
+    dataset: str = "mnist"  # mnist or fashion-mnist
+    recipe: str = "default"  # which named recipe filled in the values below
+    epochs: int = 5
+    batch_size: int = 128  # small batches: more updates per second of a 2-core CPU
+    lr: float = 0.01  # the peak rate when the schedule is onecycle
+    optimizer: str = "adam"  # adam tolerates the sigmoid network's flat start; sgd needs tuning
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "onecycle"  # warm-up then anneal: the fastest way to a good optimum here
+    label_smoothing: float = 0.0
+    augment: str = "none"  # affine distortions help long runs, slow down short ones
+    normalize: bool = True  # standardise inputs with the dataset's mean/std (book: False)
+    seed: int = 0  # model initialisation, data order and augmentation
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    threads: int | None = None  # CPU threads; None = every core this process may use
+    target_accuracy: float | None = None  # stop once validation accuracy reaches this
+    data_dir: str | None = None  # where the dataset files are (default: the cache)
+    out: str | None = None  # the run folder (default: runs/<model>-<dataset>-<time>)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of training values, optionally different per model."""
+
+    summary: str
+    values: dict[str, Any]
+    per_model: dict[str, dict[str, Any]]
+
+
+RECIPES: dict[str, Recipe] = {
+    "book": Recipe(
+        summary="the tutorial book's recipe: Adam lr 0.001, batch 256, 5 epochs, pixels/255",
+        values=dict(
+            epochs=5,
+            batch_size=256,
+            lr=0.001,
+            optimizer="adam",
+            schedule="constant",
+            weight_decay=0.0,
+            label_smoothing=0.0,
+            augment="none",
+            normalize=False,
+        ),
+        per_model={},
+    ),
+    "default": Recipe(
+        summary="lenet's fast recipe: Adam with a one-cycle schedule, standardised inputs",
+        values=dict(
+            epochs=5,
+            batch_size=128,
+            lr=0.01,
+            optimizer="adam",
+            schedule="onecycle",
+            augment="none",
+            normalize=True,
+        ),
+        per_model={
+            # BatchNorm and ReLU converge in two passes over the data.
+            "lenet-relu": dict(epochs=2),
+        },
+    ),
+}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Raise ConfigError with a usable message for any value that cannot work."""
+    from lenet.data.datasets import get_spec
+    from lenet.models import get_model_spec
+
+    get_model_spec(config.model)
+    get_spec(config.dataset)
+    _check(config.recipe in RECIPES, f"Unknown recipe {config.recipe!r}: {', '.join(RECIPES)}.")
+    _check(config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}.")
+    _check(
+        1 <= config.batch_size <= 55_000,
+        f"--batch-size must be between 1 and 55000 (the training split), got {config.batch_size}.",
+    )
+    _check(config.lr > 0, f"--lr must be positive, got {config.lr}.")
+    _check(
+        config.optimizer in OPTIMIZERS,
+        f"Unknown optimizer {config.optimizer!r}: {', '.join(OPTIMIZERS)}.",
+    )
+    _check(
+        config.schedule in SCHEDULES,
+        f"Unknown schedule {config.schedule!r}: {', '.join(SCHEDULES)}.",
+    )
+    _check(
+        config.augment in AUGMENT_CHOICES,
+        f"Unknown augmentation {config.augment!r}: {', '.join(AUGMENT_CHOICES)}.",
+    )
+    _check(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}.")
+    _check(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}.")
+    _check(
+        0 <= config.label_smoothing < 1,
+        f"--label-smoothing must be in [0, 1), got {config.label_smoothing}.",
+    )
+    if config.target_accuracy is not None:
+        _check(
+            0 < config.target_accuracy <= 1,
+            f"--target-accuracy is a fraction such as 0.99, got {config.target_accuracy}.",
+        )
+    if config.threads is not None:
+        _check(config.threads >= 1, f"--threads must be at least 1, got {config.threads}.")
+    return config
+
+
+def resolve_config(
+    model: str = "lenet", recipe: str = "default", **overrides: Any
+) -> TrainConfig:
+    """Build a config from a recipe for ``model``, then apply explicit ``overrides``.
+
+    Overrides whose value is None are ignored, so CLI options the user did not give never
+    replace a recipe value.
+    """
+    if recipe not in RECIPES:
+        raise ConfigError(f"Unknown recipe {recipe!r}. Known recipes: {', '.join(RECIPES)}.")
+    chosen = RECIPES[recipe]
+    values: dict[str, Any] = dict(chosen.values)
+    values.update(chosen.per_model.get(model, {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"Unknown training option(s): {', '.join(sorted(unknown))}.")
+    return validate(replace(TrainConfig(), model=model, recipe=recipe, **values))
+
+
+# Fields that change where or how fast a run goes, not what it computes.
+_NOT_IN_COMMAND = {"device", "threads", "data_dir", "out"}
+
+
+def reproduce_command(config: TrainConfig) -> str:
+    """A `lenet train` command line that gives the same run, every value spelled out."""
+    parts = ["lenet", "train"]
+    for field in fields(TrainConfig):
+        if field.name in _NOT_IN_COMMAND:
+            continue
+        value = getattr(config, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{field.name.replace('_', '-')}")
+        elif value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)

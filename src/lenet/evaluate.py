@@ -1,0 +1,106 @@
+"""Measuring a model on a labelled split: accuracy, loss, per-class scores, confusion matrix."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lenet.models import Normalization
+
+
+@dataclass
+class EvalResult:
+    """The numbers people ask for, computed in one pass over a split."""
+
+    count: int
+    accuracy: float
+    loss: float
+    # confusion[i, j]: images of true class i predicted as class j.
+    confusion: torch.Tensor
+
+    @property
+    def precision(self) -> list[float]:
+        predicted = self.confusion.sum(0).clamp(min=1)
+        return (self.confusion.diag() / predicted).tolist()
+
+    @property
+    def recall(self) -> list[float]:
+        actual = self.confusion.sum(1).clamp(min=1)
+        return (self.confusion.diag() / actual).tolist()
+
+    @property
+    def f1(self) -> list[float]:
+        out = []
+        for p, r in zip(self.precision, self.recall):
+            out.append(0.0 if p + r == 0 else 2 * p * r / (p + r))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "accuracy": self.accuracy,
+            "error": 1.0 - self.accuracy,
+            "loss": self.loss,
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "confusion": self.confusion.tolist(),
+        }
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    normalization: Normalization,
+    batch_size: int = 2500,
+    num_classes: int = 10,
+) -> EvalResult:
+    """Evaluate ``model`` on uint8 ``images`` (N, 1, 28, 28) and int ``labels`` (N,).
+
+    Runs on the model's device in eval mode; the model's train/eval mode is restored after.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    loss_sum = 0.0
+    try:
+        for start in range(0, len(labels), batch_size):
+            x = normalization.apply(images[start : start + batch_size].to(device))
+            y = labels[start : start + batch_size].to(device)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            pairs = y * num_classes + logits.argmax(1)
+            confusion += torch.bincount(pairs, minlength=num_classes**2).view_as(confusion).cpu()
+    finally:
+        model.train(was_training)
+    count = int(labels.shape[0])
+    correct = int(confusion.diag().sum())
+    return EvalResult(count, correct / max(count, 1), loss_sum / max(count, 1), confusion)
+
+
+def evaluate(
+    weights: str | os.PathLike[str],
+    dataset: str | None = None,
+    split: str = "test",
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+) -> EvalResult:
+    """Evaluate a weights file (with its model card) on a split of a dataset.
+
+    ``dataset`` defaults to the one named on the card; the input normalisation is the card's.
+    """
+    from lenet.data import load_dataset
+    from lenet.device import resolve_device
+    from lenet.weights import load_weights
+
+    loaded = load_weights(weights, resolve_device(device))
+    data = load_dataset(dataset or loaded.card.get("dataset", "mnist"), data_dir)
+    part = data.split(split)
+    return evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)

@@ -1,0 +1,182 @@
+"""The model registry: every network lenet can train, with the input it expects.
+
+All models share one contract: they take (N, 1, 28, 28) float tensors (ink light on black,
+normalised as the model's ``Normalization`` says) and return (N, 10) logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lenet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How uint8 pixels become model inputs: ``(pixel / 255 - mean) / std``."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def apply(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Turn uint8 images (any shape) into normalised float inputs."""
+        scale = 1.0 / (255.0 * self.std)
+        return images.to(dtype).mul_(scale).sub_(self.mean / self.std)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}
+
+
+class LeNet(nn.Module):
+    """The tutorial's LeNet, exactly: sigmoid activations, max-pooling, 44,426 parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, kernel_size=5),  # (N, 6, 24, 24)
+            nn.Sigmoid(),
+            nn.MaxPool2d(2, 2),  # (N, 6, 12, 12)
+            nn.Conv2d(6, 16, kernel_size=5),  # (N, 16, 8, 8)
+            nn.Sigmoid(),
+            nn.MaxPool2d(2, 2),  # (N, 16, 4, 4)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),  # (N, 256)
+            nn.Linear(256, 120),
+            nn.Sigmoid(),
+            nn.Linear(120, 84),
+            nn.Sigmoid(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class LeNetReLU(nn.Module):
+    """The same shapes with BatchNorm after each convolution and ReLU: trains much faster."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            # No conv bias: the BatchNorm shift that follows makes it redundant.
+            nn.Conv2d(1, 6, kernel_size=5, bias=False),  # (N, 6, 24, 24)
+            nn.BatchNorm2d(6),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),  # (N, 6, 12, 12)
+            nn.Conv2d(6, 16, kernel_size=5, bias=False),  # (N, 16, 8, 8)
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),  # (N, 16, 4, 4)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),  # (N, 256)
+            nn.Linear(256, 120),
+            nn.ReLU(inplace=True),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: how to build it and what input it wants."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    summary: str
+    # True: inputs standardised with the training set's mean and std; False: pixels / 255.
+    standardize: bool = True
+    # Whether channels-last tensors run faster on a CPU (measured: yes for the sigmoid LeNet,
+    # no once BatchNorm is in the way). Results are the same either way up to rounding.
+    channels_last_on_cpu: bool = False
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a model to the registry (later modules register theirs the same way)."""
+    if spec.name in MODELS:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    MODELS[spec.name] = spec
+    return spec
+
+
+register(
+    ModelSpec(
+        "lenet",
+        LeNet,
+        "the tutorial's LeNet: sigmoid, max-pooling, 28x28 input (unchanged)",
+        channels_last_on_cpu=True,
+    )
+)
+register(
+    ModelSpec(
+        "lenet-relu",
+        LeNetReLU,
+        "same shapes with BatchNorm after each convolution and ReLU",
+    )
+)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec of model ``name``; a ConfigError listing the known names otherwise."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ConfigError(f"Unknown model {name!r}. Known models: {', '.join(MODELS)}.") from None
+
+
+def list_models() -> list[str]:
+    """Names of all registered models."""
+    return list(MODELS)
+
+
+def create_model(name: str) -> nn.Module:
+    """Build a freshly initialised model by its registered name."""
+    return get_model_spec(name).build()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> int:
+    """Multiply-accumulates of one forward pass of one image (convolutions and linear layers)."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        per_output = module.in_channels // module.groups * module.kernel_size[0]
+        total += output.numel() * per_output * module.kernel_size[1]
+
+    def linear_hook(module: nn.Linear, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return total // input_shape[0]

@@ -1,0 +1,406 @@
+"""The training loop: whole-split tensors in memory, batches by indexing, no DataLoader.
+
+A run folder holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoint.pt``
+(rewritten atomically after every epoch and on Ctrl-C) and, at the end, ``model.safetensors``
+with its model card ``model.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lenet import __version__
+from lenet.atomic import write_text_atomic
+from lenet.augment import AUGMENTATIONS
+from lenet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from lenet.config import TrainConfig, reproduce_command, validate
+from lenet.data import Dataset, load_dataset
+from lenet.device import configure_threads, resolve_device
+from lenet.errors import LenetError, RunDirError
+from lenet.evaluate import evaluate_model
+from lenet.models import Normalization, count_macs, count_parameters, create_model, get_model_spec
+from lenet.weights import save_weights
+
+WEIGHTS_NAME = "model.safetensors"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+
+
+class TrainingInterrupted(LenetError):
+    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    config: TrainConfig
+    run_dir: Path
+    weights: Path
+    epochs: int
+    train_seconds: float
+    samples_per_second: float
+    val_accuracy: float
+    test_accuracy: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON object `lenet train --json` prints."""
+        return {
+            "model": self.config.model,
+            "dataset": self.config.dataset,
+            "recipe": self.config.recipe,
+            "epochs": self.epochs,
+            "train_seconds": round(self.train_seconds, 3),
+            "samples_per_second": round(self.samples_per_second, 1),
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "weights": str(self.weights),
+            "run_dir": str(self.run_dir),
+        }
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.model}-{config.dataset}-{stamp}"
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a previous run unless told to; refuse to resume nothing."""
+    if resume:
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            raise RunDirError(
+                f"--resume was given, but {run_dir} holds no {CHECKPOINT_NAME}. Check the "
+                "--out folder, or start a new run without --resume."
+            )
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise RunDirError(
+                f"The run folder {run_dir} already holds a run. Continue it with --resume, "
+                "overwrite it with --force, or choose another --out."
+            )
+        for name in (CHECKPOINT_NAME, METRICS_NAME, CONFIG_NAME, WEIGHTS_NAME, "model.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25
+        )
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+
+
+def input_normalization(config: TrainConfig, data: Dataset) -> Normalization:
+    """The normalisation this run trains with, and every user of its weights must apply."""
+    if config.normalize and get_model_spec(config.model).standardize:
+        return Normalization(data.spec.mean, data.spec.std)
+    return Normalization(0.0, 1.0)
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request to stop after the current batch.
+
+    Stopping between batches means the checkpoint never holds a half-applied update. A second
+    Ctrl-C interrupts at once, as usual.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(_signum: int, _frame: object) -> None:
+            self.requested = True
+            signal.signal(signal.SIGINT, previous)
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool | None = None,
+    dataset: Dataset | None = None,
+    on_epoch_end: Callable[[dict[str, Any], torch.nn.Module], None] | None = None,
+    command: str | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset`` and write the run folder.
+
+    With ``resume``, the run continues from ``<out>/checkpoint.pt`` with the config saved
+    there (its values win over ``config``, except ``epochs``, which may be raised), and on
+    the CPU ends with exactly the weights an uninterrupted run gives.
+    ``on_epoch_end(metrics, model)`` is called after each epoch (benchmarks use it).
+    """
+    config = validate(config)
+    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    prepare_run_dir(run_dir, resume, force)
+    checkpoint: dict[str, Any] | None = None
+    if resume:
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+        saved = TrainConfig.from_dict(checkpoint["config"])
+        config = validate(
+            TrainConfig.from_dict(
+                {**saved.to_dict(), "epochs": max(saved.epochs, config.epochs), "out": str(run_dir)}
+            )
+        )
+    config = TrainConfig.from_dict({**config.to_dict(), "out": str(run_dir)})
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    device = resolve_device(config.device)
+    threads = configure_threads(config.threads) if device.type == "cpu" else None
+    data = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    norm = input_normalization(config, data)
+    model_spec = get_model_spec(config.model)
+    memory_format = (
+        torch.channels_last
+        if device.type == "cpu" and model_spec.channels_last_on_cpu
+        else torch.contiguous_format
+    )
+
+    # The whole training split, normalised once, on the training device.
+    x_train = norm.apply(data.train.images).to(device).contiguous(memory_format=memory_format)
+    y_train = data.train.labels.to(device)
+    background = norm.apply(torch.zeros(1, dtype=torch.uint8)).item()
+    augment = AUGMENTATIONS[config.augment]
+
+    torch.manual_seed(config.seed)
+    model = create_model(config.model).to(device).to(memory_format=memory_format)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = make_optimizer(config, model)
+    n_train = len(y_train)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    scheduler = make_scheduler(config, optimizer, steps_per_epoch * config.epochs)
+
+    epoch, next_batch, order = 0, 0, None
+    running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if config.epochs != TrainConfig.from_dict(checkpoint["config"]).epochs:
+            scheduler.total_steps = steps_per_epoch * config.epochs  # type: ignore[attr-defined]
+        _set_rng_state(generator, checkpoint["rng"])
+        epoch, next_batch = checkpoint["epoch"], checkpoint["next_batch"]
+        order = checkpoint.get("order")
+        running = checkpoint["running"]
+        history = checkpoint["history"]
+        train_seconds = checkpoint["train_seconds"]
+    else:
+        write_text_atomic(run_dir / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "config": config.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(generator),
+            "epoch": epoch,
+            "next_batch": next_batch,
+            "order": order,
+            "running": running,
+            "history": history,
+            "train_seconds": train_seconds,
+            "lenet_version": __version__,
+            "torch_version": torch.__version__,
+        }
+
+    stop = _StopRequest()
+    reached_target = bool(history) and _reached(config, history[-1])
+    model.train()
+    with stop.installed():
+        while epoch < config.epochs and not reached_target:
+            started = time.perf_counter()
+            if order is None:
+                order = torch.randperm(n_train, generator=generator).to(device)
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=next_batch,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                unit="batch",
+                disable=not progress,
+                leave=False,
+                file=sys.stderr,
+            )
+            while next_batch < steps_per_epoch:
+                if stop.requested:
+                    break
+                index = order[next_batch * config.batch_size : (next_batch + 1) * config.batch_size]
+                x, y = x_train[index], y_train[index]
+                if augment is not None:
+                    x = augment(x, generator, background)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                next_batch += 1
+                running["loss"] += loss.item() * len(y)
+                running["correct"] += int((logits.argmax(1) == y).sum())
+                running["seen"] += len(y)
+                bar.update(1)
+                if progress and next_batch % 20 == 0:
+                    elapsed = running["seconds"] + time.perf_counter() - started
+                    bar.set_postfix(
+                        loss=f"{running['loss'] / running['seen']:.4f}",
+                        acc=f"{running['correct'] / running['seen']:.4f}",
+                        samples_s=f"{running['seen'] / max(elapsed, 1e-9):,.0f}",
+                    )
+            bar.close()
+            running["seconds"] += time.perf_counter() - started
+            if stop.requested:
+                train_seconds += time.perf_counter() - started
+                save_checkpoint(run_dir / CHECKPOINT_NAME, checkpoint_state())
+                raise TrainingInterrupted(
+                    f"Training interrupted in epoch {epoch + 1} at batch {next_batch}; a "
+                    f"checkpoint is saved in {run_dir / CHECKPOINT_NAME}. Continue with:\n"
+                    f"  lenet train --resume --out {run_dir}"
+                )
+
+            val = evaluate_model(model, data.val.images, data.val.labels, norm)
+            model.train()
+            epoch_seconds = running["seconds"]
+            train_seconds += time.perf_counter() - started
+            metrics = {
+                "epoch": epoch + 1,
+                "train_loss": running["loss"] / running["seen"],
+                "train_accuracy": running["correct"] / running["seen"],
+                "val_loss": val.loss,
+                "val_accuracy": val.accuracy,
+                "lr": optimizer.param_groups[0]["lr"],
+                "epoch_seconds": round(epoch_seconds, 4),
+                "samples_per_second": round(running["seen"] / max(epoch_seconds, 1e-9), 1),
+                "train_seconds": round(train_seconds, 4),
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            history.append(metrics)
+            epoch, next_batch, order = epoch + 1, 0, None
+            running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+            with open(run_dir / METRICS_NAME, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+            saving = time.perf_counter()
+            save_checkpoint(run_dir / CHECKPOINT_NAME, checkpoint_state())
+            train_seconds += time.perf_counter() - saving
+            if progress:
+                print(
+                    f"epoch {metrics['epoch']}/{config.epochs}: loss {metrics['train_loss']:.4f} "
+                    f"val accuracy {val.accuracy:.4f} ({metrics['samples_per_second']:,.0f} "
+                    "samples/s)",
+                    file=sys.stderr,
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(metrics, model)
+                model.train()
+            reached_target = _reached(config, metrics)
+
+    test = evaluate_model(model, data.test.images, data.test.labels, norm)
+    epochs_done = len(history)
+    samples = sum(h["samples_per_second"] * h["epoch_seconds"] for h in history)
+    step_seconds = sum(h["epoch_seconds"] for h in history)
+    card = {
+        "model": config.model,
+        "parameters": count_parameters(model),
+        "macs_per_image": count_macs(model.to(memory_format=torch.contiguous_format).cpu()),
+        "dataset": config.dataset,
+        "dataset_md5": data.md5s,
+        "normalization": norm.to_dict(),
+        "input": "28x28 grey, ink light on black, pixel/255 then (x - mean) / std",
+        "classes": list(data.spec.classes),
+        "config": config.to_dict(),
+        "epochs_trained": epochs_done,
+        "val_accuracy": history[-1]["val_accuracy"] if history else None,
+        "test_accuracy": test.accuracy,
+        "test_error": 1.0 - test.accuracy,
+        "train_seconds": round(train_seconds, 3),
+        "samples_per_second": round(samples / max(step_seconds, 1e-9), 1),
+        "device": str(device),
+        "threads": threads,
+        "torch_version": torch.__version__,
+        "lenet_version": __version__,
+        "command": command or reproduce_command(config),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    weights = save_weights(run_dir / WEIGHTS_NAME, model, card)
+    return TrainResult(
+        config=config,
+        run_dir=run_dir,
+        weights=weights,
+        epochs=epochs_done,
+        train_seconds=train_seconds,
+        samples_per_second=card["samples_per_second"],
+        val_accuracy=card["val_accuracy"],
+        test_accuracy=test.accuracy,
+        history=history,
+        card=card,
+    )
+
+
+def _reached(config: TrainConfig, metrics: dict[str, Any]) -> bool:
+    target = config.target_accuracy
+    return target is not None and metrics["val_accuracy"] >= target
