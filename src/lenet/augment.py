@@ -51,7 +51,9 @@ class AffineAugment:
         theta = theta.to(device=images.device, dtype=images.dtype)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         shifted = images - background  # grid_sample fills outside with zeros
-        out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros")
+        out = F.grid_sample(
+            shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         return out.add_(background)
 
 

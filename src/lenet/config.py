@@ -141,9 +141,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def resolve_config(
-    model: str = "lenet", recipe: str = "default", **overrides: Any
-) -> TrainConfig:
+def resolve_config(model: str = "lenet", recipe: str = "default", **overrides: Any) -> TrainConfig:
     """Build a config from a recipe for ``model``, then apply explicit ``overrides``.
 
     Overrides whose value is None are ignored, so CLI options the user did not give never

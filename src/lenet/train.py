@@ -267,7 +267,7 @@ def train(
             "history": history,
             "train_seconds": train_seconds,
             "lenet_version": __version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),  # a str subclass that safe loading refuses
         }
 
     stop = _StopRequest()
@@ -381,7 +381,7 @@ def train(
         "samples_per_second": round(samples / max(step_seconds, 1e-9), 1),
         "device": str(device),
         "threads": threads,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "lenet_version": __version__,
         "command": command or reproduce_command(config),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

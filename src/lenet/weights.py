@@ -73,9 +73,7 @@ def read_card(path: str | os.PathLike[str]) -> dict[str, Any]:
     return card
 
 
-def load_weights(
-    path: str | os.PathLike[str], device: torch.device | str = "cpu"
-) -> LoadedWeights:
+def load_weights(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedWeights:
     """Build the model named by the card of ``path``, load the weights, switch to eval mode."""
     path = Path(path)
     if not path.is_file():

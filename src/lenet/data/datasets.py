@@ -301,9 +301,7 @@ class FileStatus:
     detail: str
 
 
-def verify(
-    name: str = "mnist", data_dir: str | os.PathLike[str] | None = None
-) -> list[FileStatus]:
+def verify(name: str = "mnist", data_dir: str | os.PathLike[str] | None = None) -> list[FileStatus]:
     """Check each file of dataset ``name`` in its data folder against its MD5, without fetching."""
     spec = get_spec(name)
     folder = data_folder(spec, data_dir)

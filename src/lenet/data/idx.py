@@ -93,11 +93,14 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 def encode_idx(array: np.ndarray) -> bytes:
     """Encode ``array`` as IDX bytes (uncompressed)."""
     array = np.asarray(array)
-    for code, dtype in IDX_TYPES.items():
-        if array.dtype.kind == dtype.kind and array.dtype.itemsize == dtype.itemsize:
-            break
-    else:
+    matches = [
+        (code, dtype)
+        for code, dtype in IDX_TYPES.items()
+        if array.dtype.kind == dtype.kind and array.dtype.itemsize == dtype.itemsize
+    ]
+    if not matches:
         raise IdxFormatError(f"IDX cannot hold arrays of dtype {array.dtype}.")
+    code, dtype = matches[0]
     if not 1 <= array.ndim <= 255:
         raise IdxFormatError(f"IDX needs 1 to 255 dimensions, got {array.ndim}.")
     header = struct.pack(">HBB", 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import io
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -134,7 +133,7 @@ class HttpMirror:
             except urllib.error.URLError as exc:
                 # The host is unreachable: no point asking it for the other files.
                 raise SourceUnavailable(f"cannot connect ({exc.reason})") from exc
-            except (TimeoutError, socket.timeout) as exc:
+            except TimeoutError as exc:
                 raise SourceUnavailable(f"timed out after {self.timeout:g} s") from exc
             except (OSError, DataError) as exc:
                 errors.append(f"{name}.gz: {exc}")
@@ -151,6 +150,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3 pickles store raw bytes through this pure function; it runs nothing.
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> object:
@@ -163,6 +164,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             except ImportError:  # numpy < 2
                 from numpy.core.multiarray import _reconstruct
             return _reconstruct
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
         return getattr(np, name)
 
 

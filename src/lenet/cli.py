@@ -1,0 +1,319 @@
+"""The `lenet` command: argument parsing and output formatting only; the work is done below."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lenet import __version__
+from lenet.errors import LenetError
+
+DATASET_NAMES = ("mnist", "fashion-mnist")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] such as 0.99, got {text}")
+    return value
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        help="folder holding (or to receive) the dataset files; default: $LENET_DATA_DIR, "
+        "else the cache (~/.cache/lenet/data)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lenet.config import AUGMENT_CHOICES, OPTIMIZERS, RECIPES, SCHEDULES
+    from lenet.device import DEVICE_CHOICES
+
+    parser = argparse.ArgumentParser(
+        prog="lenet",
+        description="LeNet for handwritten digits: data, training, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"lenet {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="obtain, verify and describe datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    fetch = data_commands.add_parser("fetch", help="download and verify a dataset")
+    fetch.add_argument("dataset", nargs="?", default="mnist", choices=(*DATASET_NAMES, "all"))
+    fetch.add_argument(
+        "--mirror", action="append", default=[], metavar="URL",
+        help="a server holding <file>.gz copies, tried before the built-in sources (repeatable)",
+    )  # fmt: skip
+    _add_data_dir(fetch)
+    info = data_commands.add_parser("info", help="where each dataset is and what it holds")
+    info.add_argument("dataset", nargs="?", default="all", choices=(*DATASET_NAMES, "all"))
+    info.add_argument("--json", action="store_true", help="print JSON")
+    _add_data_dir(info)
+    verify = data_commands.add_parser("verify", help="check the files' MD5 sums (no download)")
+    verify.add_argument("dataset", nargs="?", default="all", choices=(*DATASET_NAMES, "all"))
+    _add_data_dir(verify)
+
+    models = commands.add_parser("models", help="list the models with parameters and MACs")
+    models.add_argument("--json", action="store_true", help="print JSON")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model. Options not given come from --recipe (default: 'default').",
+    )
+    train.add_argument("--model", default="lenet", help="model name (see `lenet models`)")
+    train.add_argument("--dataset", default="mnist", choices=DATASET_NAMES)
+    train.add_argument("--recipe", default="default", choices=tuple(RECIPES))
+    train.add_argument("--epochs", type=_positive_int)
+    train.add_argument("--batch-size", type=_positive_int)
+    train.add_argument("--lr", type=float, help="learning rate (peak rate for onecycle)")
+    train.add_argument("--optimizer", choices=OPTIMIZERS)
+    train.add_argument("--momentum", type=float, help="SGD momentum")
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--schedule", choices=SCHEDULES)
+    train.add_argument("--label-smoothing", type=float)
+    train.add_argument("--augment", choices=AUGMENT_CHOICES)
+    train.add_argument(
+        "--normalize", action=argparse.BooleanOptionalAction, default=None,
+        help="standardise inputs with the dataset's mean and std (--no-normalize: pixels/255)",
+    )  # fmt: skip
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", choices=DEVICE_CHOICES)
+    train.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    train.add_argument("--target-accuracy", type=_fraction, help="stop at this val accuracy")
+    train.add_argument("--out", help="run folder (default: runs/<model>-<dataset>-<time>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--force", action="store_true", help="overwrite the run in --out")
+    train.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    _add_data_dir(train)
+
+    evaluate = commands.add_parser("evaluate", help="measure trained weights on a split")
+    evaluate.add_argument("weights", help="a .safetensors file with its .json model card")
+    evaluate.add_argument("--dataset", choices=DATASET_NAMES, help="default: the card's")
+    evaluate.add_argument("--split", default="test", choices=("test", "val", "train"))
+    evaluate.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    _add_data_dir(evaluate)
+    return parser
+
+
+def _datasets(choice: str) -> tuple[str, ...]:
+    return DATASET_NAMES if choice == "all" else (choice,)
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from lenet.data import fetch
+    from lenet.data.sources import HttpMirror
+
+    mirrors = [HttpMirror(url) for url in args.mirror]
+    for name in _datasets(args.dataset):
+        report = fetch(name, args.data_dir, progress=sys.stderr.isatty(), extra_sources=mirrors)
+        print(f"{name}: verified in {report.folder}")
+        for file, origin in report.origin.items():
+            print(f"  {file}: {origin}")
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from lenet.data import verify
+
+    bad = 0
+    for name in _datasets(args.dataset):
+        for status in verify(name, args.data_dir):
+            mark = "ok " if status.ok else "BAD"
+            where = status.path if status.ok else status.detail
+            print(f"{mark} {name}/{status.name}: {where}")
+            bad += not status.ok
+    if bad:
+        print(f"{bad} file(s) missing or damaged: run `lenet data fetch` to repair them.")
+    return 1 if bad else 0
+
+
+def _info(name: str, data_dir: str | None) -> dict[str, Any]:
+    from lenet.data import get_spec, load_dataset, verify
+    from lenet.data.datasets import data_folder
+
+    spec = get_spec(name)
+    statuses = verify(name, data_dir)
+    info: dict[str, Any] = {
+        "dataset": name,
+        "title": spec.title,
+        "folder": str(data_folder(spec, data_dir)),
+        "verified": all(s.ok for s in statuses),
+        "files": {s.name: {"ok": s.ok, "detail": s.detail} for s in statuses},
+        "classes": list(spec.classes),
+    }
+    if info["verified"]:
+        data = load_dataset(name, data_dir, download=False)
+        info["splits"] = {}
+        for split in ("train", "val", "test"):
+            part = data.split(split)
+            pixels = part.images.float().div_(255)
+            info["splits"][split] = {
+                "images": len(part),
+                "class_counts": part.labels.bincount(minlength=10).tolist(),
+                "pixel_mean": round(pixels.mean().item(), 4),
+                "pixel_std": round(pixels.std().item(), 4),
+            }
+    return info
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    infos = [_info(name, args.data_dir) for name in _datasets(args.dataset)]
+    if args.json:
+        print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
+        return 0
+    for info in infos:
+        state = "verified" if info["verified"] else "not fetched or damaged"
+        print(f"{info['dataset']}: {info['title']}\n  folder: {info['folder']} ({state})")
+        if not info["verified"]:
+            print(f"  get it with: lenet data fetch {info['dataset']}")
+            continue
+        for split, s in info["splits"].items():
+            counts = " ".join(str(c) for c in s["class_counts"])
+            print(
+                f"  {split:5} {s['images']:6,} images  mean {s['pixel_mean']:.4f} "
+                f"std {s['pixel_std']:.4f}  per class: {counts}"
+            )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from lenet.models import MODELS, count_macs, count_parameters
+
+    rows = []
+    for name, spec in MODELS.items():
+        model = spec.build()
+        rows.append(
+            {
+                "name": name,
+                "parameters": count_parameters(model),
+                "macs": count_macs(model),
+                "summary": spec.summary,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':12} {'parameters':>10} {'MACs/image':>11}  description")
+    for row in rows:
+        print(f"{row['name']:12} {row['parameters']:>10,} {row['macs']:>11,}  {row['summary']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lenet.config import resolve_config
+    from lenet.train import train
+
+    config = resolve_config(
+        args.model,
+        args.recipe,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        label_smoothing=args.label_smoothing,
+        augment=args.augment,
+        normalize=args.normalize,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        target_accuracy=args.target_accuracy,
+        data_dir=args.data_dir,
+        out=args.out,
+    )
+    if args.resume and args.force:
+        raise LenetError("--resume and --force contradict each other: choose one.")
+    result = train(config, resume=args.resume, force=args.force)
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(
+            f"{result.config.model} on {result.config.dataset}: test accuracy "
+            f"{result.test_accuracy:.2%} (validation {result.val_accuracy:.2%}) after "
+            f"{result.epochs} epoch(s), {result.train_seconds:.1f} s of training "
+            f"({result.samples_per_second:,.0f} samples/s)\n"
+            f"weights: {result.weights} (model card beside it)\n"
+            f"evaluate again with: lenet evaluate {shlex.quote(str(result.weights))}"
+        )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import time
+
+    from lenet.data import load_dataset
+    from lenet.device import resolve_device
+    from lenet.evaluate import evaluate_model
+    from lenet.weights import load_weights
+
+    loaded = load_weights(args.weights, resolve_device(args.device))
+    dataset = args.dataset or loaded.card.get("dataset", "mnist")
+    part = load_dataset(dataset, args.data_dir).split(args.split)
+    started = time.perf_counter()
+    result = evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)
+    seconds = time.perf_counter() - started
+    if args.json:
+        out = {"weights": args.weights, "model": loaded.name, "dataset": dataset}
+        out |= {"split": args.split, **result.to_dict(), "seconds": round(seconds, 4)}
+        print(json.dumps(out))
+        return 0
+    classes = loaded.card.get("classes") or [str(i) for i in range(10)]
+    print(
+        f"{loaded.name} on {dataset} {args.split}: accuracy {result.accuracy:.2%} "
+        f"(error {1 - result.accuracy:.2%}), loss {result.loss:.4f}, "
+        f"{result.count:,} images in {seconds:.2f} s\n"
+    )
+    print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>7}")
+    for name, p, r, f in zip(classes, result.precision, result.recall, result.f1):
+        print(f"{name:>12} {p:9.4f} {r:7.4f} {f:7.4f}")
+    print("\nconfusion matrix (rows: true class, columns: predicted)")
+    print("     " + "".join(f"{j:>6}" for j in range(len(classes))))
+    for i, row in enumerate(result.confusion.tolist()):
+        print(f"{i:>4} " + "".join(f"{v:>6}" for v in row))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `lenet` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            handler = {"fetch": cmd_data_fetch, "info": cmd_data_info, "verify": cmd_data_verify}
+            return handler[args.data_command](args)
+        if args.command == "models":
+            return cmd_models(args)
+        if args.command == "train":
+            return cmd_train(args, argv)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+    except LenetError as exc:
+        from lenet.train import TrainingInterrupted
+
+        print(f"lenet: {exc}", file=sys.stderr)
+        return 130 if isinstance(exc, TrainingInterrupted) else 2
+    except KeyboardInterrupt:
+        print("lenet: interrupted.", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+import shlex
+
+import pytest
+
+from lenet.cli import build_parser
+from lenet.config import RECIPES, TrainConfig, reproduce_command, resolve_config
+from lenet.errors import ConfigError
+
+
+def test_book_recipe_is_the_tutorial_book():
+    config = resolve_config("lenet", "book")
+    assert (config.optimizer, config.lr, config.batch_size, config.epochs) == (
+        "adam",
+        0.001,
+        256,
+        5,
+    )
+    assert config.normalize is False and config.augment == "none"
+    assert config.schedule == "constant"
+
+
+def test_explicit_options_beat_the_recipe_and_none_does_not():
+    config = resolve_config("lenet", "book", epochs=2, lr=None)
+    assert config.epochs == 2 and config.lr == 0.001
+
+
+def test_per_model_recipe_values_apply():
+    assert (
+        resolve_config("lenet-relu").epochs == RECIPES["default"].per_model["lenet-relu"]["epochs"]
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"epochs": 0}, "--epochs must be at least 1"),
+        ({"lr": -1.0}, "--lr must be positive"),
+        ({"optimizer": "rmsprop"}, "Unknown optimizer 'rmsprop'"),
+        ({"label_smoothing": 1.5}, "--label-smoothing"),
+        ({"target_accuracy": 99.0}, "fraction such as 0.99"),
+        ({"batch_size": 10**6}, "--batch-size must be between"),
+        ({"dataset": "cifar10"}, "Known datasets: mnist, fashion-mnist"),
+    ],
+)
+def test_nonsense_values_are_refused_with_a_reason(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config("lenet", "default", **overrides)
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="Known recipes"):
+        resolve_config("lenet", "fastest")
+
+
+def test_reproduce_command_parses_back_to_the_same_config():
+    original = resolve_config("lenet-relu", "book", epochs=3, label_smoothing=0.1, seed=7)
+    argv = shlex.split(reproduce_command(original))[1:]
+    args = build_parser().parse_args(argv)
+    fields = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
+    rebuilt = resolve_config(args.model, args.recipe, **{
+        k: v for k, v in fields.items() if k not in ("model", "recipe")
+    })  # fmt: skip
+    assert rebuilt == original

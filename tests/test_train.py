@@ -1,0 +1,132 @@
+"""Training on real MNIST: learning, resuming exactly, the run folder, the CLI end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lenet.checkpoint import CHECKPOINT_NAME
+from lenet.config import resolve_config
+from lenet.errors import RunDirError
+from lenet.evaluate import evaluate_model
+from lenet.train import TrainingInterrupted, train
+from lenet.weights import load_weights
+
+
+def test_a_short_run_learns_and_writes_a_complete_run_folder(small_mnist, tmp_path):
+    config = resolve_config("lenet-relu", epochs=1, out=str(tmp_path / "run"))
+    result = train(config, dataset=small_mnist, progress=False)
+    assert result.val_accuracy > 0.90
+    run = tmp_path / "run"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["val_accuracy"] == result.val_accuracy
+    card = json.loads((run / "model.json").read_text())
+    for key in ("model", "parameters", "dataset_md5", "config", "val_accuracy", "test_accuracy",
+                "train_seconds", "samples_per_second", "torch_version", "command"):  # fmt: skip
+        assert key in card
+    assert card["command"].startswith("lenet train --model lenet-relu")
+    # The weights reproduce the card's test accuracy exactly.
+    loaded = load_weights(result.weights)
+    again = evaluate_model(
+        loaded.model, small_mnist.test.images, small_mnist.test.labels, loaded.normalization
+    )
+    assert again.accuracy == card["test_accuracy"]
+    # Checkpoints load in PyTorch's safe mode.
+    state = torch.load(run / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 1
+
+
+def _interrupt_after_first_epoch(delay):
+    def on_epoch_end(metrics, _model):
+        if metrics["epoch"] == 1:
+            threading.Timer(delay, signal.raise_signal, args=(signal.SIGINT,)).start()
+
+    return on_epoch_end
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3], ids=["at-epoch-boundary", "mid-epoch"])
+def test_resume_after_ctrl_c_gives_the_uninterrupted_weights(small_mnist, tmp_path, delay):
+    common = dict(epochs=3, batch_size=256, augment="affine", seed=3, threads=2)
+    straight = train(
+        resolve_config("lenet-relu", out=str(tmp_path / "a"), **common), dataset=small_mnist
+    )
+    config = resolve_config("lenet-relu", out=str(tmp_path / "b"), **common)
+    with pytest.raises(TrainingInterrupted, match="lenet train --resume --out"):
+        train(config, dataset=small_mnist, on_epoch_end=_interrupt_after_first_epoch(delay))
+    saved = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
+    assert saved["epoch"] == 1
+    resumed = train(config, resume=True, dataset=small_mnist)
+    a, b = load_file(straight.weights), load_file(resumed.weights)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.test_accuracy == straight.test_accuracy
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_an_existing_run_is_not_overwritten(small_mnist, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"precious")
+    with pytest.raises(RunDirError, match="--resume.*--force"):
+        train(resolve_config("lenet", out=str(run)), dataset=small_mnist)
+    assert (run / "model.safetensors").read_bytes() == b"precious"
+
+
+def test_resume_without_a_checkpoint_or_with_a_damaged_one(small_mnist, tmp_path):
+    config = resolve_config("lenet", out=str(tmp_path / "run"))
+    with pytest.raises(RunDirError, match="holds no checkpoint.pt"):
+        train(config, resume=True, dataset=small_mnist)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"garbage")
+    with pytest.raises(RunDirError, match="cannot be read"):
+        train(config, resume=True, dataset=small_mnist)
+
+
+def _lenet(*args, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lenet", *args], capture_output=True, text=True, env=env
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"lenet {' '.join(args)} failed:\n{done.stderr}")
+    return done
+
+
+def test_cli_trains_evaluates_and_refuses_to_overwrite(mnist, tmp_path):
+    out = tmp_path / "cli-run"
+    args = ["train", "--model", "lenet-relu", "--epochs", "1", "--batch-size", "256"]
+    done = _lenet(*args, "--out", str(out), "--json")
+    summary = json.loads(done.stdout)
+    for key in ("model", "epochs", "train_seconds", "val_accuracy", "test_accuracy", "weights"):
+        assert key in summary
+    assert summary["test_accuracy"] > 0.95
+    evaluated = json.loads(_lenet("evaluate", summary["weights"], "--json").stdout)
+    assert evaluated["accuracy"] == summary["test_accuracy"]
+    assert sum(map(sum, evaluated["confusion"])) == evaluated["count"] == 10_000
+    text = _lenet("evaluate", summary["weights"]).stdout
+    assert "confusion matrix" in text and "precision" in text
+    again = _lenet(*args, "--out", str(out), check=False)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--model", "alexnet"], "Unknown model 'alexnet'"),
+        (["train", "--epochs", "0"], "must be a positive whole number"),
+        (["train", "--optimizer", "rmsprop"], "invalid choice"),
+        (["evaluate", "missing.safetensors"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_gets_a_clear_message(args, message, tmp_path):
+    done = _lenet(*args, check=False)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
