@@ -163,6 +163,20 @@ def test_a_users_folder_of_gzipped_files_is_used_in_place(tmp_path, monkeypatch)
     assert sorted(p.name for p in user.iterdir()) == sorted(f"{n}.gz" for n in NAMES)
 
 
+def test_a_users_folder_holding_another_dataset_is_never_written_to(http_root, tmp_path):
+    base, root = http_root
+    theirs = tiny_files(seed=9)  # e.g. MNIST files where Fashion-MNIST is asked for
+    user = tmp_path / "mine"
+    user.mkdir()
+    for name, data in theirs.items():
+        (user / name).write_bytes(data)
+    serve(root, "good", tiny_files())
+    report = fetch(spec=tiny_spec([HttpMirror(f"{base}/good/")]), data_dir=user)
+    assert report.folder == user / "tiny"
+    assert all((user / name).read_bytes() == data for name, data in theirs.items())
+    assert all((user / "tiny" / name).read_bytes() == d for name, d in tiny_files().items())
+
+
 def test_loading_without_fetching_explains_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setitem(datasets.DATASETS, "tiny", tiny_spec([]))
     with pytest.raises(DataError, match="lenet data fetch tiny"):

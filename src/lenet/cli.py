@@ -143,14 +143,16 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
 def _info(name: str, data_dir: str | None) -> dict[str, Any]:
     from lenet.data import get_spec, load_dataset, verify
-    from lenet.data.datasets import data_folder
+    from lenet.data.datasets import local_folders
 
     spec = get_spec(name)
     statuses = verify(name, data_dir)
     info: dict[str, Any] = {
         "dataset": name,
         "title": spec.title,
-        "folder": str(data_folder(spec, data_dir)),
+        "folder": str(
+            next((s.path.parent for s in statuses if s.ok), local_folders(spec, data_dir)[0])
+        ),
         "verified": all(s.ok for s in statuses),
         "files": {s.name: {"ok": s.ok, "detail": s.detail} for s in statuses},
         "classes": list(spec.classes),

@@ -24,7 +24,7 @@ class TrainConfig:
     model: str = "lenet"  # a name from `lenet models`
     dataset: str = "mnist"  # mnist or fashion-mnist
     recipe: str = "default"  # which named recipe filled in the values below
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 128  # small batches: more updates per second of a 2-core CPU
     lr: float = 0.01  # the peak rate when the schedule is onecycle
     optimizer: str = "adam"  # adam tolerates the sigmoid network's flat start; sgd needs tuning
@@ -78,7 +78,8 @@ RECIPES: dict[str, Recipe] = {
     "default": Recipe(
         summary="lenet's fast recipe: Adam with a one-cycle schedule, standardised inputs",
         values=dict(
-            epochs=5,
+            # The sigmoid network creeps past 99% test accuracy around epoch 8 (measured).
+            epochs=10,
             batch_size=128,
             lr=0.01,
             optimizer="adam",

@@ -361,12 +361,11 @@ def train(
 
     test = evaluate_model(model, data.test.images, data.test.labels, norm)
     epochs_done = len(history)
-    samples = sum(h["samples_per_second"] * h["epoch_seconds"] for h in history)
     step_seconds = sum(h["epoch_seconds"] for h in history)
     card = {
         "model": config.model,
         "parameters": count_parameters(model),
-        "macs_per_image": count_macs(model.to(memory_format=torch.contiguous_format).cpu()),
+        "macs_per_image": count_macs(create_model(config.model)),
         "dataset": config.dataset,
         "dataset_md5": data.md5s,
         "normalization": norm.to_dict(),
@@ -378,7 +377,7 @@ def train(
         "test_accuracy": test.accuracy,
         "test_error": 1.0 - test.accuracy,
         "train_seconds": round(train_seconds, 3),
-        "samples_per_second": round(samples / max(step_seconds, 1e-9), 1),
+        "samples_per_second": round(n_train * epochs_done / max(step_seconds, 1e-9), 1),
         "device": str(device),
         "threads": threads,
         "torch_version": str(torch.__version__),

@@ -56,7 +56,7 @@ class DatasetSpec:
     # Pixel statistics of the training images scaled to [0, 1].
     mean: float
     std: float
-    # Tried after the data folder itself and the cache, in this order.
+    # Tried after the local folders (the user's, the cache), in this order.
     remote_sources: Callable[[], tuple[Source, ...]] = field(repr=False)
     # What to tell a user when every source failed.
     manual_hint: str = ""
@@ -169,18 +169,17 @@ def user_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
     return Path(chosen).expanduser() if chosen else None
 
 
-def data_folder(spec: DatasetSpec, data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where fetched files of ``spec`` are stored and looked for first.
+def local_folders(spec: DatasetSpec, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The folders that may already hold verified files of ``spec``, in the order searched.
 
-    A user folder that already holds the four files is used as it is; otherwise files go into
-    a sub-folder named after the dataset (so one folder can hold both datasets).
+    The first one is where ``fetch`` writes. A folder the user names is searched both as it is
+    (the four files directly inside) and for a sub-folder named after the dataset, which is
+    where fetched files go, so one folder can hold both datasets and a user's own files are
+    never overwritten.
     """
+    cache = cache_root() / "data" / spec.name
     user = user_data_dir(data_dir)
-    if user is None:
-        return cache_root() / "data" / spec.name
-    if any(p.is_file() for f in spec.files for p in file_candidates(user, f.name)):
-        return user
-    return user / spec.name
+    return [cache] if user is None else [user / spec.name, user, cache]
 
 
 def md5_hex(data: bytes) -> str:
@@ -196,22 +195,24 @@ class LocalCopy:
     problem: str = ""  # why the copies that are there were refused, or that there are none
 
 
-def find_verified(folder: Path, file: DataFile) -> LocalCopy:
-    """Look in ``folder`` for a copy of ``file`` (gzipped or not) whose content has its MD5."""
+def find_verified(folders: Sequence[Path], file: DataFile) -> LocalCopy:
+    """The first copy of ``file`` (gzipped or not) in ``folders`` whose content has its MD5."""
     problems = []
-    for path in file_candidates(folder, file.name):
-        if not path.is_file():
-            continue
-        try:
-            data = decompress_if_gzipped(path.read_bytes(), str(path))
-        except (OSError, DataError) as exc:
-            problems.append(f"{path}: {exc}")
-            continue
-        digest = md5_hex(data)
-        if digest == file.md5:
-            return LocalCopy(path, data)
-        problems.append(f"{path} has MD5 {digest}, expected {file.md5}")
-    return LocalCopy(None, problem="; ".join(problems) or f"{file.name} not found in {folder}")
+    for folder in folders:
+        for path in file_candidates(folder, file.name):
+            if not path.is_file():
+                continue
+            try:
+                data = decompress_if_gzipped(path.read_bytes(), str(path))
+            except (OSError, DataError) as exc:
+                problems.append(f"{path}: {exc}")
+                continue
+            digest = md5_hex(data)
+            if digest == file.md5:
+                return LocalCopy(path, data)
+            problems.append(f"{path} has MD5 {digest}, expected {file.md5}")
+    where = ", ".join(str(f) for f in folders)
+    return LocalCopy(None, problem="; ".join(problems) or f"{file.name} not found in {where}")
 
 
 @dataclass
@@ -230,31 +231,29 @@ def fetch(
     extra_sources: Sequence[Source] = (),
     spec: DatasetSpec | None = None,
 ) -> FetchReport:
-    """Make sure the data folder holds verified copies of all four files of dataset ``name``.
+    """Make sure verified copies of all four files of dataset ``name`` are on disk.
 
-    Sources are tried in order: the data folder itself, the cache (when a user folder is used),
-    ``extra_sources`` (e.g. a mirror given on the command line), then the dataset's declared
-    remote sources. Files are checked against their MD5 before being written, atomically.
-    Raises DataError listing every source and why it failed when some file is still missing.
+    Files already in one of the ``local_folders`` (the user's folder, the cache) are kept;
+    the others are taken from ``extra_sources`` (e.g. a mirror given on the command line), then
+    the dataset's declared remote sources, checked against their MD5 and written atomically
+    into the first local folder. Raises DataError listing every source and why it failed when
+    some file is still missing.
     """
     spec = spec or get_spec(name)
-    folder = data_folder(spec, data_dir)
+    folders = local_folders(spec, data_dir)
+    folder = folders[0]
     report = FetchReport(folder)
     missing = []
     for file in spec.files:
-        copy = find_verified(folder, file)
+        copy = find_verified(folders, file)
         if copy.path is not None:
-            report.origin[file.name] = f"already in {folder}"
+            report.origin[file.name] = f"already in {copy.path.parent}"
         else:
             missing.append(file)
             if "not found" not in copy.problem:
-                report.failures.append(f"{folder}: {copy.problem}")
+                report.failures.append(copy.problem)
 
-    sources: list[Source] = []
-    cache = cache_root() / "data" / spec.name
-    if cache != folder:
-        sources.append(FolderSource(cache, hint="lenet cache"))
-    sources += list(extra_sources) + list(spec.remote_sources())
+    sources = list(extra_sources) + list(spec.remote_sources())
 
     for source in sources:
         if not missing:
@@ -302,12 +301,12 @@ class FileStatus:
 
 
 def verify(name: str = "mnist", data_dir: str | os.PathLike[str] | None = None) -> list[FileStatus]:
-    """Check each file of dataset ``name`` in its data folder against its MD5, without fetching."""
+    """Check each file of dataset ``name`` on disk against its MD5, without fetching."""
     spec = get_spec(name)
-    folder = data_folder(spec, data_dir)
+    folders = local_folders(spec, data_dir)
     out = []
     for file in spec.files:
-        copy = find_verified(folder, file)
+        copy = find_verified(folders, file)
         ok = copy.path is not None
         out.append(FileStatus(file.name, copy.path, ok, "MD5 matches" if ok else copy.problem))
     return out
@@ -362,11 +361,11 @@ def load_dataset(
     (5,000, the same for every run); ``test`` is the 10,000-image test file.
     """
     spec = get_spec(name)
-    folder = data_folder(spec, data_dir)
-    copies = {f: find_verified(folder, f) for f in spec.files}
+    folders = local_folders(spec, data_dir)
+    copies = {f: find_verified(folders, f) for f in spec.files}
     if download and any(c.path is None for c in copies.values()):
-        folder = fetch(name, data_dir, progress=progress).folder
-        copies = {f: find_verified(folder, f) for f in spec.files}
+        fetch(name, data_dir, progress=progress)
+        copies = {f: find_verified(folders, f) for f in spec.files}
     arrays = {}
     for file, copy in copies.items():
         if copy.path is None:
@@ -382,7 +381,8 @@ def load_dataset(
         if images.shape[0] != labels.shape[0] or images.shape[2:] != (28, 28):
             raise DataError(
                 f"{spec.name} {split} files disagree: images {tuple(images.shape)}, "
-                f"labels {tuple(labels.shape)}. Delete {folder} and run `lenet data fetch`."
+                f"labels {tuple(labels.shape)}. Delete {copies[spec.file(split, 'images')].path} "
+                "and run `lenet data fetch`."
             )
         splits[split] = Split(images, labels)
     train = splits["train"]
@@ -394,5 +394,5 @@ def load_dataset(
         train=Split(train.images[keep], train.labels[keep]),
         val=Split(train.images[val_idx], train.labels[val_idx]),
         test=splits["test"],
-        folder=folder,
+        folder=copies[spec.file("train", "images")].path.parent,
     )
