@@ -97,6 +97,20 @@ def test_unreachable_mirror_falls_through_to_the_next_quickly(http_root, tmp_pat
         assert report.origin[name] == f"{base}/good/"
 
 
+def test_a_server_that_stalls_is_given_up_and_the_next_source_used(http_root, tmp_path):
+    base, root = http_root
+    serve(root, "good", tiny_files())
+    with socket.socket() as stalled:  # accepts connections, never answers
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(8)
+        slow = HttpMirror(f"http://127.0.0.1:{stalled.getsockname()[1]}/", timeout=0.3)
+        started = time.perf_counter()
+        report = fetch(spec=tiny_spec([slow, HttpMirror(f"{base}/good/")]), data_dir=tmp_path)
+    assert time.perf_counter() - started < 2.0
+    assert any("no answer within 0.3 s" in f or "timed out" in f for f in report.failures)
+    assert set(report.origin.values()) == {f"{base}/good/"}
+
+
 def test_corrupt_download_is_refused_by_md5_and_next_source_used(http_root, tmp_path):
     base, root = http_root
     files = tiny_files()
@@ -283,4 +297,4 @@ def test_verify_cli_fails_on_an_empty_folder(tmp_path, capsys):
 
     assert main(["data", "verify", "mnist", "--data-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert out.count("BAD") == 4 and "lenet data fetch" in out
+    assert out.count("missing mnist/") == 4 and "lenet data fetch mnist" in out

@@ -15,9 +15,9 @@ _EXPORTS = {
     "create_model": "lenet.models",
     "list_models": "lenet.models",
     "load_dataset": "lenet.data",
-    "TrainConfig": "lenet.train",
-    "train": "lenet.train",
-    "evaluate": "lenet.evaluate",
+    "TrainConfig": "lenet.config",
+    "train": "lenet.training",
+    "evaluate": "lenet.evaluation",
     "load_weights": "lenet.weights",
 }
 

@@ -7,12 +7,12 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from lenet import __version__
-from lenet.errors import LenetError
+from lenet.data.datasets import DATASETS
+from lenet.errors import LenetError, TrainingInterrupted
 
-DATASET_NAMES = ("mnist", "fashion-mnist")
+DATASET_NAMES = tuple(DATASETS)
 
 
 def _positive_int(text: str) -> int:
@@ -27,6 +27,12 @@ def _fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] such as 0.99, got {text}")
     return value
+
+
+def _mirror_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"must be an http:// or https:// URL, got {text!r}")
+    return text
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data_commands.add_parser("fetch", help="download and verify a dataset")
     fetch.add_argument("dataset", nargs="?", default="mnist", choices=(*DATASET_NAMES, "all"))
     fetch.add_argument(
-        "--mirror", action="append", default=[], metavar="URL",
+        "--mirror", action="append", default=[], metavar="URL", type=_mirror_url,
         help="a server holding <file>.gz copies, tried before the built-in sources (repeatable)",
     )  # fmt: skip
     _add_data_dir(fetch)
@@ -62,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     _add_data_dir(info)
     verify = data_commands.add_parser("verify", help="check the files' MD5 sums (no download)")
-    verify.add_argument("dataset", nargs="?", default="all", choices=(*DATASET_NAMES, "all"))
+    verify.add_argument("dataset", nargs="?", default="mnist", choices=(*DATASET_NAMES, "all"))
     _add_data_dir(verify)
 
     models = commands.add_parser("models", help="list the models with parameters and MACs")
@@ -73,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model",
         description="Train a model. Options not given come from --recipe (default: 'default').",
     )
-    train.add_argument("--model", default="lenet", help="model name (see `lenet models`)")
-    train.add_argument("--dataset", default="mnist", choices=DATASET_NAMES)
-    train.add_argument("--recipe", default="default", choices=tuple(RECIPES))
+    train.add_argument("--model", help="model name (see `lenet models`; default: lenet)")
+    train.add_argument("--dataset", choices=DATASET_NAMES, help="default: mnist")
+    train.add_argument("--recipe", choices=tuple(RECIPES), help="default: default")
     train.add_argument("--epochs", type=_positive_int)
     train.add_argument("--batch-size", type=_positive_int)
     train.add_argument("--lr", type=float, help="learning rate (peak rate for onecycle)")
@@ -132,48 +138,21 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
     bad = 0
     for name in _datasets(args.dataset):
         for status in verify(name, args.data_dir):
-            mark = "ok " if status.ok else "BAD"
-            where = status.path if status.ok else status.detail
-            print(f"{mark} {name}/{status.name}: {where}")
+            if status.ok:
+                print(f"ok      {name}/{status.name}: {status.path}")
+            else:
+                mark = "missing" if status.missing else "BAD    "
+                print(f"{mark} {name}/{status.name}: {status.detail}")
             bad += not status.ok
     if bad:
-        print(f"{bad} file(s) missing or damaged: run `lenet data fetch` to repair them.")
+        print(f"{bad} file(s) missing or damaged: `lenet data fetch {args.dataset}` repairs them.")
     return 1 if bad else 0
 
 
-def _info(name: str, data_dir: str | None) -> dict[str, Any]:
-    from lenet.data import get_spec, load_dataset, verify
-    from lenet.data.datasets import local_folders
-
-    spec = get_spec(name)
-    statuses = verify(name, data_dir)
-    info: dict[str, Any] = {
-        "dataset": name,
-        "title": spec.title,
-        "folder": str(
-            next((s.path.parent for s in statuses if s.ok), local_folders(spec, data_dir)[0])
-        ),
-        "verified": all(s.ok for s in statuses),
-        "files": {s.name: {"ok": s.ok, "detail": s.detail} for s in statuses},
-        "classes": list(spec.classes),
-    }
-    if info["verified"]:
-        data = load_dataset(name, data_dir, download=False)
-        info["splits"] = {}
-        for split in ("train", "val", "test"):
-            part = data.split(split)
-            pixels = part.images.float().div_(255)
-            info["splits"][split] = {
-                "images": len(part),
-                "class_counts": part.labels.bincount(minlength=10).tolist(),
-                "pixel_mean": round(pixels.mean().item(), 4),
-                "pixel_std": round(pixels.std().item(), 4),
-            }
-    return info
-
-
 def cmd_data_info(args: argparse.Namespace) -> int:
-    infos = [_info(name, args.data_dir) for name in _datasets(args.dataset)]
+    from lenet.data.datasets import describe
+
+    infos = [describe(name, args.data_dir) for name in _datasets(args.dataset)]
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
         return 0
@@ -215,13 +194,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from lenet.config import resolve_config
-    from lenet.train import train
+_RUNTIME_OPTIONS = ("device", "threads", "data_dir", "out", "resume", "force", "json")
 
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lenet.config import resolve_config
+    from lenet.training import train
+
+    if args.resume:
+        given = [
+            "--" + key.replace("_", "-")
+            for key, value in vars(args).items()
+            if value is not None and key not in (*_RUNTIME_OPTIONS, "command")
+        ]
+        if given:
+            raise LenetError(
+                f"--resume continues a run with the settings it was started with; "
+                f"{', '.join(given)} cannot change. Only --device, --threads and --data-dir "
+                "may be given with --resume (or start a new run without it)."
+            )
+        if not args.out:
+            raise LenetError("--resume needs --out: the folder of the run to continue.")
     config = resolve_config(
-        args.model,
-        args.recipe,
+        args.model or "lenet",
+        args.recipe or "default",
         dataset=args.dataset,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -258,35 +254,22 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import time
+    from lenet.evaluation import evaluate
 
-    from lenet.data import load_dataset
-    from lenet.device import resolve_device
-    from lenet.evaluate import evaluate_model
-    from lenet.weights import load_weights
-
-    loaded = load_weights(args.weights, resolve_device(args.device))
-    dataset = args.dataset or loaded.card.get("dataset", "mnist")
-    part = load_dataset(dataset, args.data_dir).split(args.split)
-    started = time.perf_counter()
-    result = evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)
-    seconds = time.perf_counter() - started
+    result = evaluate(args.weights, args.dataset, args.split, args.data_dir, args.device)
     if args.json:
-        out = {"weights": args.weights, "model": loaded.name, "dataset": dataset}
-        out |= {"split": args.split, **result.to_dict(), "seconds": round(seconds, 4)}
-        print(json.dumps(out))
+        print(json.dumps({"weights": args.weights, **result.to_dict()}))
         return 0
-    classes = loaded.card.get("classes") or [str(i) for i in range(10)]
     print(
-        f"{loaded.name} on {dataset} {args.split}: accuracy {result.accuracy:.2%} "
+        f"{result.model} on {result.dataset} {result.split}: accuracy {result.accuracy:.2%} "
         f"(error {1 - result.accuracy:.2%}), loss {result.loss:.4f}, "
-        f"{result.count:,} images in {seconds:.2f} s\n"
+        f"{result.count:,} images in {result.seconds:.2f} s\n"
     )
     print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>7}")
-    for name, p, r, f in zip(classes, result.precision, result.recall, result.f1):
+    for name, p, r, f in zip(result.classes, result.precision, result.recall, result.f1):
         print(f"{name:>12} {p:9.4f} {r:7.4f} {f:7.4f}")
     print("\nconfusion matrix (rows: true class, columns: predicted)")
-    print("     " + "".join(f"{j:>6}" for j in range(len(classes))))
+    print("     " + "".join(f"{j:>6}" for j in range(len(result.classes))))
     for i, row in enumerate(result.confusion.tolist()):
         print(f"{i:>4} " + "".join(f"{v:>6}" for v in row))
     return 0
@@ -303,17 +286,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "models":
             return cmd_models(args)
         if args.command == "train":
-            return cmd_train(args, argv)
+            return cmd_train(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
-    except LenetError as exc:
-        from lenet.train import TrainingInterrupted
-
+    except TrainingInterrupted as exc:
         print(f"lenet: {exc}", file=sys.stderr)
-        return 130 if isinstance(exc, TrainingInterrupted) else 2
+        return 130
+    except LenetError as exc:
+        print(f"lenet: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lenet: interrupted.", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A file system or network problem no layer below anticipated: say what it was.
+        print(f"lenet: {exc.strerror or exc} ({exc.filename or 'no file name'}).", file=sys.stderr)
+        return 2
     return 2
 
 

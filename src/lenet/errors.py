@@ -27,3 +27,7 @@ class RunDirError(LenetError):
 
 class WeightsError(LenetError):
     """A weights file or model card that cannot be read or does not fit its model."""
+
+
+class TrainingInterrupted(LenetError):
+    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""

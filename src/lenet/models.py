@@ -23,11 +23,12 @@ class Normalization:
     std: float = 1.0
 
     def apply(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Turn uint8 images (any shape) into normalised float inputs."""
+        """Turn uint8 images (any shape) into normalised float inputs (a new tensor)."""
         scale = 1.0 / (255.0 * self.std)
-        return images.to(dtype).mul_(scale).sub_(self.mean / self.std)
+        return images.to(dtype, copy=True).mul_(scale).sub_(self.mean / self.std)
 
     def to_dict(self) -> dict[str, float]:
+        """As stored in model cards."""
         return {"mean": self.mean, "std": self.std}
 
 

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ class DatasetSpec:
     manual_hint: str = ""
 
     def file(self, split: str, kind: str) -> DataFile:
+        """The file holding ``kind`` (images or labels) of ``split`` (train or test)."""
         return next(f for f in self.files if f.split == split and f.kind == kind)
 
 
@@ -183,6 +185,7 @@ def local_folders(spec: DatasetSpec, data_dir: str | os.PathLike[str] | None = N
 
 
 def md5_hex(data: bytes) -> str:
+    """MD5 as hex: the checksum the datasets are published with (integrity, not security)."""
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
@@ -250,8 +253,7 @@ def fetch(
             report.origin[file.name] = f"already in {copy.path.parent}"
         else:
             missing.append(file)
-            if "not found" not in copy.problem:
-                report.failures.append(copy.problem)
+            report.failures.append(copy.problem)
 
     sources = list(extra_sources) + list(spec.remote_sources())
 
@@ -267,6 +269,7 @@ def fetch(
         for file in missing:
             data = provided.get(file.name)
             if data is None:
+                report.failures.append(f"{source.description}: {file.name} not provided")
                 still_missing.append(file)
                 continue
             digest = md5_hex(data)
@@ -294,9 +297,12 @@ def fetch(
 
 @dataclass(frozen=True)
 class FileStatus:
+    """What ``verify`` found for one file."""
+
     name: str
-    path: Path | None
+    path: Path | None  # the verified copy, if any
     ok: bool
+    missing: bool  # no copy at all (as opposed to only damaged ones)
     detail: str
 
 
@@ -308,7 +314,9 @@ def verify(name: str = "mnist", data_dir: str | os.PathLike[str] | None = None) 
     for file in spec.files:
         copy = find_verified(folders, file)
         ok = copy.path is not None
-        out.append(FileStatus(file.name, copy.path, ok, "MD5 matches" if ok else copy.problem))
+        missing = not ok and copy.problem.startswith(f"{file.name} not found")
+        detail = "MD5 matches" if ok else copy.problem
+        out.append(FileStatus(file.name, copy.path, ok, missing, detail))
     return out
 
 
@@ -334,12 +342,14 @@ class Dataset:
     folder: Path
 
     def split(self, name: str) -> Split:
+        """``train``, ``val`` or ``test`` by name."""
         if name not in ("train", "val", "test"):
             raise ConfigError(f"Unknown split {name!r}: choose train, val or test.")
         return getattr(self, name)
 
     @property
     def md5s(self) -> dict[str, str]:
+        """File name -> MD5, as recorded in model cards."""
         return {f.name: f.md5 for f in self.spec.files}
 
 
@@ -396,3 +406,32 @@ def load_dataset(
         test=splits["test"],
         folder=copies[spec.file("train", "images")].path.parent,
     )
+
+
+def describe(name: str, data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """What `lenet data info` shows: where the files are, and per split the image count,
+    class counts and pixel statistics (only when the files are present and verified)."""
+    spec = get_spec(name)
+    statuses = verify(name, data_dir)
+    found = [s.path.parent for s in statuses if s.path is not None]
+    info: dict[str, Any] = {
+        "dataset": name,
+        "title": spec.title,
+        "folder": str(found[0] if found else local_folders(spec, data_dir)[0]),
+        "verified": all(s.ok for s in statuses),
+        "files": {s.name: {"ok": s.ok, "detail": s.detail} for s in statuses},
+        "classes": list(spec.classes),
+    }
+    if info["verified"]:
+        data = load_dataset(name, data_dir, download=False)
+        info["splits"] = {}
+        for split in ("train", "val", "test"):
+            part = data.split(split)
+            pixels = part.images.float().div_(255)
+            info["splits"][split] = {
+                "images": len(part),
+                "class_counts": part.labels.bincount(minlength=len(spec.classes)).tolist(),
+                "pixel_mean": round(pixels.mean().item(), 4),
+                "pixel_std": round(pixels.std().item(), 4),
+            }
+    return info

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import pickle
+import socket
 import subprocess
 import sys
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -87,14 +90,53 @@ class FolderSource:
         return found
 
 
+def _connect_then_read_timeout(connect_timeout: float, read_timeout: float) -> Any:
+    """A replacement for socket.create_connection with separate connect and read limits."""
+
+    def create_connection(address: Any, _timeout: Any = None, source_address: Any = None) -> Any:
+        sock = socket.create_connection(address, connect_timeout, source_address)
+        sock.settimeout(read_timeout)
+        return sock
+
+    return create_connection
+
+
+def _opener(connect_timeout: float, read_timeout: float) -> urllib.request.OpenerDirector:
+    """A urllib opener whose connections give up quickly on hosts that do not answer, yet wait
+    patiently for a slow transfer once connected."""
+    create = _connect_then_read_timeout(connect_timeout, read_timeout)
+
+    def http_connection(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(*args, **kwargs)
+        conn._create_connection = create  # type: ignore[attr-defined]
+        return conn
+
+    def https_connection(*args: Any, **kwargs: Any) -> http.client.HTTPSConnection:
+        conn = http.client.HTTPSConnection(*args, **kwargs)
+        conn._create_connection = create  # type: ignore[attr-defined]
+        return conn
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(http_connection, req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(https_connection, req, context=self._context)
+
+    return urllib.request.build_opener(Http(), Https())
+
+
 @dataclass(frozen=True)
 class HttpMirror:
     """A web server holding ``<name>.gz`` for each file, as the classic MNIST mirrors do."""
 
     base_url: str
-    # Seconds for connecting and for each read. Hosts that do not resolve or refuse the
-    # connection fail at once; this only bounds a host that accepts and then stalls.
-    timeout: float = 5.0
+    # A host that does not answer at all is given up within ``connect_timeout``; hosts that
+    # do not resolve or refuse the connection fail at once anyway.
+    connect_timeout: float = 0.75
+    # Once connected, a transfer may pause this long between packets.
+    timeout: float = 10.0
 
     @property
     def description(self) -> str:
@@ -102,7 +144,8 @@ class HttpMirror:
 
     def _download(self, url: str, progress: bool) -> bytes:
         request = urllib.request.Request(url, headers={"User-Agent": "lenet-data-fetch"})
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+        opener = _opener(self.connect_timeout, self.timeout)
+        with opener.open(request) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             buffer = io.BytesIO()
             with tqdm(
@@ -134,8 +177,8 @@ class HttpMirror:
                 # The host is unreachable: no point asking it for the other files.
                 raise SourceUnavailable(f"cannot connect ({exc.reason})") from exc
             except TimeoutError as exc:
-                raise SourceUnavailable(f"timed out after {self.timeout:g} s") from exc
-            except (OSError, DataError) as exc:
+                raise SourceUnavailable(f"no answer within {self.timeout:g} s") from exc
+            except (OSError, DataError, http.client.HTTPException) as exc:
                 errors.append(f"{name}.gz: {exc}")
         if not found:
             raise SourceUnavailable("; ".join(errors) or "nothing downloaded")
@@ -182,7 +225,14 @@ def mnist_pickle_to_idx(pickled_gz: bytes) -> dict[str, bytes]:
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = _NumpyOnlyUnpickler(
             io.BytesIO(raw), encoding="latin1"
         ).load()
-    except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as exc:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        TypeError,
+        zlib.error,
+        pickle.UnpicklingError,
+    ) as exc:
         raise SourceUnavailable(f"mnist.pkl.gz could not be read safely: {exc}") from exc
 
     def images(*parts: np.ndarray) -> bytes:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,21 +28,17 @@ from lenet import __version__
 from lenet.atomic import write_text_atomic
 from lenet.augment import AUGMENTATIONS
 from lenet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from lenet.config import TrainConfig, reproduce_command, validate
+from lenet.config import RUNTIME_FIELDS, TrainConfig, reproduce_command, validate
 from lenet.data import Dataset, load_dataset
 from lenet.device import configure_threads, resolve_device
-from lenet.errors import LenetError, RunDirError
-from lenet.evaluate import evaluate_model
+from lenet.errors import RunDirError, TrainingInterrupted
+from lenet.evaluation import evaluate_model
 from lenet.models import Normalization, count_macs, count_parameters, create_model, get_model_spec
 from lenet.weights import save_weights
 
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
-
-
-class TrainingInterrupted(LenetError):
-    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
 
 
 @dataclass
@@ -77,12 +73,15 @@ class TrainResult:
 
 
 def default_run_dir(config: TrainConfig) -> Path:
+    """``runs/<model>-<dataset>-<local time>``: a new folder per run unless --out is given."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.model}-{config.dataset}-{stamp}"
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     """Refuse to overwrite a previous run unless told to; refuse to resume nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir} is a file, not a folder: choose another --out.")
     if resume:
         if not (run_dir / CHECKPOINT_NAME).is_file():
             raise RunDirError(
@@ -102,6 +101,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer the config names, over all of the model's parameters."""
     params = model.parameters()
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -118,6 +118,7 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
 def make_scheduler(
     config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-step learning-rate schedule over the whole run (constant is a no-op schedule)."""
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25
@@ -184,13 +185,12 @@ def train(
     progress: bool | None = None,
     dataset: Dataset | None = None,
     on_epoch_end: Callable[[dict[str, Any], torch.nn.Module], None] | None = None,
-    command: str | None = None,
 ) -> TrainResult:
-    """Train ``config.model`` on ``config.dataset`` and write the run folder.
+    """Train ``config.model`` on ``config.dataset`` and write the run folder ``config.out``.
 
     With ``resume``, the run continues from ``<out>/checkpoint.pt`` with the config saved
-    there (its values win over ``config``, except ``epochs``, which may be raised), and on
-    the CPU ends with exactly the weights an uninterrupted run gives.
+    there; only where it runs (``device``, ``threads``, ``data_dir``) is taken from ``config``.
+    On the CPU it ends with exactly the weights an uninterrupted run gives.
     ``on_epoch_end(metrics, model)`` is called after each epoch (benchmarks use it).
     """
     config = validate(config)
@@ -199,19 +199,18 @@ def train(
     checkpoint: dict[str, Any] | None = None
     if resume:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
-        saved = TrainConfig.from_dict(checkpoint["config"])
-        config = validate(
-            TrainConfig.from_dict(
-                {**saved.to_dict(), "epochs": max(saved.epochs, config.epochs), "out": str(run_dir)}
-            )
-        )
-    config = TrainConfig.from_dict({**config.to_dict(), "out": str(run_dir)})
+        runtime = {k: getattr(config, k) for k in RUNTIME_FIELDS}
+        config = validate(TrainConfig.from_dict({**checkpoint["config"], **runtime}))
+    config = replace(config, out=str(run_dir))
     if progress is None:
         progress = sys.stderr.isatty()
 
     device = resolve_device(config.device)
-    threads = configure_threads(config.threads) if device.type == "cpu" else None
-    data = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    if config.threads is not None:
+        configure_threads(config.threads)
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_dir, progress=progress)
+    data = dataset
     norm = input_normalization(config, data)
     model_spec = get_model_spec(config.model)
     memory_format = (
@@ -242,8 +241,6 @@ def train(
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        if config.epochs != TrainConfig.from_dict(checkpoint["config"]).epochs:
-            scheduler.total_steps = steps_per_epoch * config.epochs  # type: ignore[attr-defined]
         _set_rng_state(generator, checkpoint["rng"])
         epoch, next_batch = checkpoint["epoch"], checkpoint["next_batch"]
         order = checkpoint.get("order")
@@ -287,9 +284,7 @@ def train(
                 leave=False,
                 file=sys.stderr,
             )
-            while next_batch < steps_per_epoch:
-                if stop.requested:
-                    break
+            while next_batch < steps_per_epoch and not stop.requested:
                 index = order[next_batch * config.batch_size : (next_batch + 1) * config.batch_size]
                 x, y = x_train[index], y_train[index]
                 if augment is not None:
@@ -314,14 +309,10 @@ def train(
                     )
             bar.close()
             running["seconds"] += time.perf_counter() - started
-            if stop.requested:
+            if stop.requested and next_batch < steps_per_epoch:
                 train_seconds += time.perf_counter() - started
                 save_checkpoint(run_dir / CHECKPOINT_NAME, checkpoint_state())
-                raise TrainingInterrupted(
-                    f"Training interrupted in epoch {epoch + 1} at batch {next_batch}; a "
-                    f"checkpoint is saved in {run_dir / CHECKPOINT_NAME}. Continue with:\n"
-                    f"  lenet train --resume --out {run_dir}"
-                )
+                raise _interrupted(run_dir, f"in epoch {epoch + 1} at batch {next_batch}")
 
             val = evaluate_model(model, data.val.images, data.val.labels, norm)
             model.train()
@@ -342,10 +333,11 @@ def train(
             history.append(metrics)
             epoch, next_batch, order = epoch + 1, 0, None
             running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            with open(run_dir / METRICS_NAME, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(metrics) + "\n")
             saving = time.perf_counter()
             save_checkpoint(run_dir / CHECKPOINT_NAME, checkpoint_state())
+            # Rewritten from the checkpoint's history, so the two never disagree after a crash.
+            lines = "".join(json.dumps(h) + "\n" for h in history)
+            write_text_atomic(run_dir / METRICS_NAME, lines)
             train_seconds += time.perf_counter() - saving
             if progress:
                 print(
@@ -358,6 +350,8 @@ def train(
                 on_epoch_end(metrics, model)
                 model.train()
             reached_target = _reached(config, metrics)
+            if stop.requested and epoch < config.epochs and not reached_target:
+                raise _interrupted(run_dir, f"after epoch {epoch}")
 
     test = evaluate_model(model, data.test.images, data.test.labels, norm)
     epochs_done = len(history)
@@ -379,10 +373,10 @@ def train(
         "train_seconds": round(train_seconds, 3),
         "samples_per_second": round(n_train * epochs_done / max(step_seconds, 1e-9), 1),
         "device": str(device),
-        "threads": threads,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "torch_version": str(torch.__version__),
         "lenet_version": __version__,
-        "command": command or reproduce_command(config),
+        "command": reproduce_command(config),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     weights = save_weights(run_dir / WEIGHTS_NAME, model, card)
@@ -397,6 +391,13 @@ def train(
         test_accuracy=test.accuracy,
         history=history,
         card=card,
+    )
+
+
+def _interrupted(run_dir: Path, where: str) -> TrainingInterrupted:
+    return TrainingInterrupted(
+        f"Training interrupted {where}; a checkpoint is saved in {run_dir / CHECKPOINT_NAME}. "
+        f"Continue with:\n  lenet train --resume --out {run_dir}"
     )
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +22,12 @@ class EvalResult:
     loss: float
     # confusion[i, j]: images of true class i predicted as class j.
     confusion: torch.Tensor
+    seconds: float = 0.0  # wall time of the model on the split (not loading)
+    # What was evaluated, when known (``evaluate`` fills these in from the model card).
+    model: str = ""
+    dataset: str = ""
+    split: str = ""
+    classes: tuple[str, ...] = tuple(str(d) for d in range(10))
 
     @property
     def precision(self) -> list[float]:
@@ -40,7 +47,11 @@ class EvalResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON values (what `lenet evaluate --json` prints)."""
         return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "split": self.split,
             "count": self.count,
             "accuracy": self.accuracy,
             "error": 1.0 - self.accuracy,
@@ -49,6 +60,7 @@ class EvalResult:
             "recall": self.recall,
             "f1": self.f1,
             "confusion": self.confusion.tolist(),
+            "seconds": round(self.seconds, 4),
         }
 
 
@@ -65,6 +77,7 @@ def evaluate_model(
 
     Runs on the model's device in eval mode; the model's train/eval mode is restored after.
     """
+    started = time.perf_counter()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -82,7 +95,8 @@ def evaluate_model(
         model.train(was_training)
     count = int(labels.shape[0])
     correct = int(confusion.diag().sum())
-    return EvalResult(count, correct / max(count, 1), loss_sum / max(count, 1), confusion)
+    accuracy, loss = correct / max(count, 1), loss_sum / max(count, 1)
+    return EvalResult(count, accuracy, loss, confusion, time.perf_counter() - started)
 
 
 def evaluate(
@@ -101,6 +115,8 @@ def evaluate(
     from lenet.weights import load_weights
 
     loaded = load_weights(weights, resolve_device(device))
-    data = load_dataset(dataset or loaded.card.get("dataset", "mnist"), data_dir)
-    part = data.split(split)
-    return evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)
+    dataset = dataset or loaded.card.get("dataset", "mnist")
+    part = load_dataset(dataset, data_dir).split(split)
+    result = evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)
+    classes = tuple(loaded.card.get("classes") or result.classes)
+    return replace(result, model=loaded.name, dataset=dataset, split=split, classes=classes)

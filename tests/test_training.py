@@ -5,7 +5,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
+import time
 
 import pytest
 import torch
@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from lenet.checkpoint import CHECKPOINT_NAME
 from lenet.config import resolve_config
 from lenet.errors import RunDirError
-from lenet.evaluate import evaluate_model
-from lenet.train import TrainingInterrupted, train
+from lenet.evaluation import evaluate_model
+from lenet.training import TrainingInterrupted, train
 from lenet.weights import load_weights
 
 
@@ -42,25 +42,34 @@ def test_a_short_run_learns_and_writes_a_complete_run_folder(small_mnist, tmp_pa
     assert state["epoch"] == 1
 
 
-def _interrupt_after_first_epoch(delay):
-    def on_epoch_end(metrics, _model):
-        if metrics["epoch"] == 1:
-            threading.Timer(delay, signal.raise_signal, args=(signal.SIGINT,)).start()
-
-    return on_epoch_end
+STEPS_PER_EPOCH = 12_000 // 256 + 1  # small_mnist with batch 256
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.3], ids=["at-epoch-boundary", "mid-epoch"])
-def test_resume_after_ctrl_c_gives_the_uninterrupted_weights(small_mnist, tmp_path, delay):
+@pytest.mark.parametrize("at_step", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 20])
+def test_resume_after_ctrl_c_gives_the_uninterrupted_weights(
+    small_mnist, tmp_path, monkeypatch, at_step
+):
     common = dict(epochs=3, batch_size=256, augment="affine", seed=3, threads=2)
     straight = train(
         resolve_config("lenet-relu", out=str(tmp_path / "a"), **common), dataset=small_mnist
     )
     config = resolve_config("lenet-relu", out=str(tmp_path / "b"), **common)
+    # A real SIGINT, delivered during optimizer step number `at_step`, as a Ctrl-C would be.
+    real_step, calls = torch.optim.Adam.step, []
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_step:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_ctrl_c)
     with pytest.raises(TrainingInterrupted, match="lenet train --resume --out"):
-        train(config, dataset=small_mnist, on_epoch_end=_interrupt_after_first_epoch(delay))
+        train(config, dataset=small_mnist)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
     saved = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
-    assert saved["epoch"] == 1
+    # The batch in flight is finished, then the run stops.
+    assert (saved["epoch"], saved["next_batch"]) == divmod(at_step, STEPS_PER_EPOCH)
     resumed = train(config, resume=True, dataset=small_mnist)
     a, b = load_file(straight.weights), load_file(resumed.weights)
     assert a.keys() == b.keys()
@@ -117,10 +126,48 @@ def test_cli_trains_evaluates_and_refuses_to_overwrite(mnist, tmp_path):
     assert "Traceback" not in again.stderr
 
 
+def test_cli_ctrl_c_then_resume(mnist, tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "lenet", "train", "--model", "lenet-relu", "--epochs", "2", "--out", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / CHECKPOINT_NAME).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert f"lenet train --resume --out {out}" in stderr and "Traceback" not in stderr
+    refused = _lenet("train", "--resume", "--out", str(out), "--epochs", "5", check=False)
+    assert refused.returncode == 2 and "--epochs cannot change" in refused.stderr
+    resumed = json.loads(_lenet("train", "--resume", "--out", str(out), "--json").stdout)
+    assert resumed["epochs"] == 2 and resumed["test_accuracy"] > 0.98
+
+
+def test_cli_data_info_and_models(mnist):
+    info = json.loads(_lenet("data", "info", "mnist", "--json").stdout)
+    assert info["verified"] and info["splits"]["train"]["images"] == 55_000
+    counts = [
+        a + b
+        for a, b in zip(
+            info["splits"]["train"]["class_counts"], info["splits"]["val"]["class_counts"]
+        )
+    ]
+    # The class counts of the original training file (shared notes on the data).
+    assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    models = {m["name"]: m for m in json.loads(_lenet("models", "--json").stdout)}
+    assert models["lenet"]["parameters"] == 44_426 and models["lenet"]["macs"] == 281_640
+    fetched = _lenet("data", "fetch", "mnist").stdout
+    assert "mnist: verified in" in fetched
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["train", "--model", "alexnet"], "Unknown model 'alexnet'"),
+        (["data", "fetch", "--mirror", "example.com"], "must be an http"),
+        (["train", "--resume"], "--resume needs --out"),
         (["train", "--epochs", "0"], "must be a positive whole number"),
         (["train", "--optimizer", "rmsprop"], "invalid choice"),
         (["evaluate", "missing.safetensors"], "does not exist"),

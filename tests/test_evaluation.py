@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lenet.evaluate import evaluate_model
+from lenet.evaluation import evaluate_model
 from lenet.models import Normalization
 
 
