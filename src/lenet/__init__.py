@@ -16,6 +16,7 @@ _EXPORTS = {
     "list_models": "lenet.models",
     "load_dataset": "lenet.data",
     "TrainConfig": "lenet.config",
+    "resolve_config": "lenet.config",
     "train": "lenet.training",
     "evaluate": "lenet.evaluation",
     "load_weights": "lenet.weights",
