@@ -105,8 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     _add_data_dir(train)
 
+    predict = commands.add_parser(
+        "predict",
+        help="read the digits in your own images",
+        description="Read digits in images: files, folders (recursively) and - for stdin.",
+    )
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, or -")
+    predict.add_argument(
+        "--weights", help="a bundled model (lenet, lenet-relu) or a .safetensors file; "
+        "default: the most accurate bundled model",
+    )  # fmt: skip
+    predict.add_argument("--multi", action="store_true", help="read several digits in a row")
+    predict.add_argument("--topk", type=_positive_int, default=1, help="show the K likeliest")
+    predict.add_argument("--json", action="store_true", help="one JSON object per input line")
+    predict.add_argument(
+        "--save-inputs", metavar="DIR", help="write the 28x28 image(s) the model saw as PNG"
+    )
+    predict.add_argument(
+        "--unsure-below", type=_fraction, default=None,
+        help="answer null (unsure) below this calibrated confidence (default 0.5)",
+    )  # fmt: skip
+
     evaluate = commands.add_parser("evaluate", help="measure trained weights on a split")
-    evaluate.add_argument("weights", help="a .safetensors file with its .json model card")
+    evaluate.add_argument(
+        "weights", help="a .safetensors file with its .json model card, or a bundled model name"
+    )
     evaluate.add_argument("--dataset", choices=DATASET_NAMES, help="default: the card's")
     evaluate.add_argument("--split", default="test", choices=("test", "val", "train"))
     evaluate.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -275,6 +298,89 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _expand(paths: Sequence[str]) -> list[str]:
+    """Files as given, folders as the image files inside them (recursively, sorted)."""
+    from pathlib import Path
+
+    out = []
+    for path in paths:
+        if path != "-" and Path(path).is_dir():
+            found = sorted(
+                str(p) for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            out += found
+        else:
+            out.append(path)
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from lenet.errors import ImageError
+    from lenet.preprocess import preprocess
+    from lenet.recognize import UNSURE_BELOW, Recognizer
+
+    recognizer = Recognizer.load(args.weights, unsure_below=args.unsure_below or UNSURE_BELOW)
+    files = _expand(args.paths)
+    if not files:
+        raise LenetError("No image files found in the given folder(s).")
+    failed = 0
+    save = Path(args.save_inputs) if args.save_inputs else None
+    if not args.json:
+        header = "text" if args.multi else "digit  confidence"
+        print(f"{header:<18} file")
+    for index, name in enumerate(files):
+        source = sys.stdin.buffer.read() if name == "-" else name
+        try:
+            if args.multi:
+                reading = recognizer.read(source)
+                answers, result = reading.digits, reading.to_dict()
+            else:
+                answers = recognizer.predict_digits([preprocess(source, recognizer.max_pixels)])
+                result = answers[0].to_dict()
+        except ImageError as exc:
+            failed += 1
+            if args.json:
+                print(json.dumps({"file": name, "error": str(exc)}), flush=True)
+            else:
+                print(f"{'error':<18} {name}: {exc}", flush=True)
+            continue
+        if save is not None:
+            save.mkdir(parents=True, exist_ok=True)
+            stem = f"{index:04d}-{Path(name).stem if name != '-' else 'stdin'}"
+            for k, answer in enumerate(answers):
+                if answer.image is not None:
+                    suffix = f"-{k}" if args.multi else ""
+                    Image.fromarray(answer.image).save(save / f"{stem}{suffix}.png")
+        if args.json:
+            print(json.dumps({"file": name, **result}), flush=True)
+        elif args.multi:
+            text = result["text"] if result["text"] is not None else "?"
+            detail = " ".join(
+                f"{d.best_guess}({d.confidence:.2f})" for d in answers if d.best_guess is not None
+            )
+            print(f"{text:<18} {name}  [{detail}]", flush=True)
+        else:
+            answer = answers[0]
+            if answer.reason == "no digit found":
+                print(f"{'-':<5}  {'no digit found':<10} {name}", flush=True)
+                continue
+            shown = str(answer.digit) if answer.digit is not None else f"?{answer.best_guess}"
+            line = f"{shown:<5}  {answer.confidence:<10.4f} {name}"
+            if args.topk > 1:
+                order = np.argsort(answer.probabilities)[::-1][: args.topk]
+                line += "  top: " + ", ".join(f"{k}:{answer.probabilities[k]:.3f}" for k in order)
+            print(line, flush=True)
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `lenet` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -289,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "predict":
+            return cmd_predict(args)
     except TrainingInterrupted as exc:
         print(f"lenet: {exc}", file=sys.stderr)
         return 130

@@ -31,3 +31,21 @@ class WeightsError(LenetError):
 
 class TrainingInterrupted(LenetError):
     """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
+
+
+class ImageError(LenetError):
+    """An input image that cannot be used; ``status`` is the matching HTTP status code."""
+
+    status = 422
+
+
+class UnsupportedImageFormat(ImageError):
+    """A real image, in a format lenet does not accept."""
+
+    status = 415
+
+
+class ImageTooLarge(ImageError):
+    """An image whose pixel count exceeds the limit (checked before decoding)."""
+
+    status = 413

@@ -27,12 +27,13 @@ from tqdm import tqdm
 from lenet import __version__
 from lenet.atomic import write_text_atomic
 from lenet.augment import AUGMENTATIONS
+from lenet.calibration import expected_calibration_error, fit_temperature
 from lenet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lenet.config import RUNTIME_FIELDS, TrainConfig, reproduce_command, validate
 from lenet.data import Dataset, load_dataset
 from lenet.device import configure_threads, resolve_device
 from lenet.errors import RunDirError, TrainingInterrupted
-from lenet.evaluation import evaluate_model
+from lenet.evaluation import evaluate_model, predict_logits
 from lenet.models import Normalization, count_macs, count_parameters, create_model, get_model_spec
 from lenet.weights import save_weights
 
@@ -354,6 +355,7 @@ def train(
                 raise _interrupted(run_dir, f"after epoch {epoch}")
 
     test = evaluate_model(model, data.test.images, data.test.labels, norm)
+    calibration = calibrate(model, data, norm)
     epochs_done = len(history)
     step_seconds = sum(h["epoch_seconds"] for h in history)
     card = {
@@ -370,6 +372,7 @@ def train(
         "val_accuracy": history[-1]["val_accuracy"] if history else None,
         "test_accuracy": test.accuracy,
         "test_error": 1.0 - test.accuracy,
+        **calibration,
         "train_seconds": round(train_seconds, 3),
         "samples_per_second": round(n_train * epochs_done / max(step_seconds, 1e-9), 1),
         "device": str(device),
@@ -392,6 +395,20 @@ def train(
         history=history,
         card=card,
     )
+
+
+def calibrate(model: torch.nn.Module, data: Dataset, norm: Normalization) -> dict[str, float]:
+    """Fit the softmax temperature on the validation split; report ECE before and after."""
+    logits = predict_logits(model, data.val.images, norm)
+    labels = data.val.labels
+    temperature = fit_temperature(logits, labels)
+    before = expected_calibration_error(torch.softmax(logits, 1), labels)
+    after = expected_calibration_error(torch.softmax(logits / temperature, 1), labels)
+    return {
+        "temperature": round(temperature, 5),
+        "val_ece_before_calibration": round(before, 5),
+        "val_ece_after_calibration": round(after, 5),
+    }
 
 
 def _interrupted(run_dir: Path, where: str) -> TrainingInterrupted:

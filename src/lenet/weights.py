@@ -6,6 +6,7 @@ model to build, how to normalise its input, what data it was trained on and how 
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from dataclasses import dataclass
@@ -47,12 +48,19 @@ class LoadedWeights:
 
     @property
     def normalization(self) -> Normalization:
+        """The input normalisation these weights were trained with."""
         norm = self.card["normalization"]
         return Normalization(float(norm["mean"]), float(norm["std"]))
 
     @property
     def name(self) -> str:
+        """The registered model name."""
         return str(self.card["model"])
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature fitted on the validation split (1.0 if never fitted)."""
+        return float(self.card.get("temperature") or 1.0)
 
 
 def read_card(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -73,11 +81,50 @@ def read_card(path: str | os.PathLike[str]) -> dict[str, Any]:
     return card
 
 
-def load_weights(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedWeights:
-    """Build the model named by the card of ``path``, load the weights, switch to eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"Weights file {path} does not exist. Give the path of a .safetensors.")
+def bundled_weights() -> dict[str, Path]:
+    """The pretrained weights shipped inside the package: name -> .safetensors path."""
+    folder = importlib.resources.files("lenet") / "pretrained"
+    found = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".safetensors"):
+            found[entry.name.removesuffix(".safetensors")] = Path(str(entry))
+    return dict(sorted(found.items()))
+
+
+def best_bundled() -> str:
+    """The name of the most accurate bundled model (by the test accuracy on its card)."""
+    bundled = bundled_weights()
+    if not bundled:
+        raise WeightsError("This installation has no bundled weights; pass --weights FILE.")
+    return max(bundled, key=lambda name: read_card(bundled[name]).get("test_accuracy") or 0)
+
+
+def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
+    """A weights file from a path, a bundled model's name, or None for the best bundled one."""
+    if name_or_path is None:
+        name_or_path = best_bundled()
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = bundled_weights()
+    if str(name_or_path) in bundled:
+        return bundled[str(name_or_path)]
+    names = ", ".join(bundled) or "none"
+    raise WeightsError(
+        f"{name_or_path} is neither a weights file nor a bundled model (bundled: {names}). "
+        "Give the path of a .safetensors file written by `lenet train`."
+    )
+
+
+def load_weights(
+    name_or_path: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu"
+) -> LoadedWeights:
+    """Build the model named by the card, load the weights, switch to eval mode.
+
+    ``name_or_path`` is a .safetensors file, the name of a bundled model, or None for the most
+    accurate bundled model.
+    """
+    path = resolve_weights(name_or_path)
     card = read_card(path)
     get_model_spec(card["model"])  # a clear error for a model this version does not know
     try:

@@ -1,0 +1,281 @@
+"""From a user's picture to the 28x28 image the models were trained on, in one place.
+
+MNIST digits are light ink on black, fitted into a 20x20 box with their aspect ratio kept
+(anti-aliased) and placed in a 28x28 field so that their centre of mass is at the centre.
+Shrinking a whole photo or canvas to 28x28 instead is why most digit demos misread users'
+images; here every picture goes through the same construction. Training, evaluation, the
+CLI, the Python API and the service all call this module, never a copy of it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
+
+# Pillow's names for the formats lenet reads (MPO is how Pillow names many cameras' JPEGs).
+ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF")
+# Checked from the header, before any pixel is decoded: a 50 kB file can claim 100k x 100k.
+DEFAULT_MAX_PIXELS = 40_000_000
+# Large photos are analysed at this size at most: a digit ends up 20 pixels tall anyway.
+WORK_MAX_SIDE = 400
+
+ImageSource = (
+    str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
+)
+
+
+@dataclass(frozen=True)
+class Digit:
+    """A digit as the model sees it, and where it was found in the original picture."""
+
+    image: np.ndarray  # (28, 28) uint8, ink light on black
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the original image's pixels (x1, y1 excl.)
+
+
+def _open(source: ImageSource, max_pixels: int) -> Image.Image:
+    """Open (lazily) and check format and size before decoding."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise ImageError(f"{path}: no such file.") from None
+            except IsADirectoryError:
+                raise ImageError(f"{path} is a folder, not an image.") from None
+            except OSError as exc:
+                raise ImageError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+        elif hasattr(source, "read"):
+            data = source.read()
+        else:
+            raise ImageError(
+                f"Cannot read an image from a {type(source).__name__}: give a path, bytes, a "
+                "file object, a PIL image or a numpy array."
+            )
+        if not data:
+            raise ImageError("The image is empty (0 bytes).")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError(
+                "This is not an image lenet can read (or it is damaged). Supported formats: "
+                f"{', '.join(f for f in ALLOWED_FORMATS if f != 'MPO')}."
+            ) from None
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"The image is too large to decode safely: {exc}") from None
+        if image.format not in ALLOWED_FORMATS:
+            raise UnsupportedImageFormat(
+                f"{image.format} images are not accepted; save it as PNG or JPEG. Supported: "
+                f"{', '.join(f for f in ALLOWED_FORMATS if f != 'MPO')}."
+            )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"The image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}. Scale it down (a digit needs only a few hundred pixels a side)."
+        )
+    if width == 0 or height == 0:
+        raise ImageError("The image has no pixels.")
+    return image
+
+
+def _to_grey(image: Image.Image) -> np.ndarray:
+    """Decode to a float32 (H, W) array in [0, 1]; transparency composited onto white."""
+    try:
+        image.seek(0)  # animated GIF/WebP/TIFF: the first frame
+    except (EOFError, AttributeError):
+        pass
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"The image is too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(
+            f"The image is damaged or truncated and cannot be decoded ({exc})."
+        ) from exc
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image, dtype=np.float32)
+        # 16-bit files are scaled, not clipped: their full range maps onto [0, 1].
+        scale = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        return np.clip(values / scale, 0, 1)
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        return np.clip(values / (255.0 if values.max(initial=0) > 1 else 1.0), 0, 1)
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        alpha = rgba[..., 3:4]
+        # A canvas export is dark strokes on a transparent background: transparent means paper.
+        rgb = rgba[..., :3] * alpha + (1.0 - alpha)
+    else:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _from_array(array: np.ndarray) -> np.ndarray:
+    values = np.asarray(array)
+    if values.ndim == 3 and values.shape[2] in (3, 4):
+        scale = 65535.0 if values.dtype == np.uint16 else 255.0 if values.dtype == np.uint8 else 1.0
+        values = values.astype(np.float32) / scale
+        if values.shape[2] == 4:
+            alpha = values[..., 3:4]
+            values = values[..., :3] * alpha + (1.0 - alpha)
+        return np.clip(values[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32), 0, 1)
+    if values.ndim == 3 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim != 2:
+        raise ImageError(
+            f"An image array must be (H, W), (H, W, 3) or (H, W, 4); got {values.shape}."
+        )
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) / 255.0
+    if values.dtype == np.uint16:
+        return values.astype(np.float32) / 65535.0
+    values = values.astype(np.float32)
+    return np.clip(values / (255.0 if values.max(initial=0) > 1 else 1.0), 0, 1)
+
+
+def load_grey(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode any supported input to a float32 (H, W) grey array in [0, 1], as it looks."""
+    if isinstance(source, np.ndarray):
+        if source.size > max_pixels * (4 if source.ndim == 3 else 1):
+            raise ImageTooLarge(f"The image array has {source.size:,} values, over the limit.")
+        return _from_array(source)
+    return _to_grey(_open(source, max_pixels))
+
+
+@dataclass(frozen=True)
+class InkMap:
+    """Ink as light on black with the background removed, at the working scale."""
+
+    ink: np.ndarray  # float32 (h, w) in [0, 1]
+    mask: np.ndarray  # bool (h, w): the pixels that are surely ink
+    scale: float  # working pixels per original pixel
+
+
+def find_ink(grey: np.ndarray) -> InkMap | None:
+    """Separate ink from background, whatever the polarity, lighting or paper noise.
+
+    Returns None when there is no ink: a blank, uniform or pure-noise picture.
+    """
+    height, width = grey.shape
+    scale = min(1.0, WORK_MAX_SIDE / max(height, width))
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        grey = np.asarray(Image.fromarray(grey, mode="F").resize(size, Image.Resampling.BOX))
+        height, width = grey.shape
+    frame = max(1, round(0.04 * min(height, width)))
+    border = np.concatenate(
+        [
+            grey[:frame].ravel(),
+            grey[-frame:].ravel(),
+            grey[:, :frame].ravel(),
+            grey[:, -frame:].ravel(),
+        ]
+    )
+    # Polarity from the background (the border), not from a fixed threshold.
+    x = 1.0 - grey if np.median(border) > 0.5 else grey.copy()
+    if min(height, width) >= 48:
+        # Uneven lighting: the background is what remains after removing anything thinner
+        # than an eighth of the picture (strokes), smoothed.
+        k = max(15, (min(height, width) // 8) | 1)
+        background = ndimage.uniform_filter(ndimage.grey_opening(x, size=(k, k)), size=k)
+    else:
+        background = np.float32(np.median(1.0 - border if np.median(border) > 0.5 else border))
+    x = np.clip(x - background, 0.0, 1.0)
+    # Paper grain and sensor noise: the spread of the (mostly background) pixels.
+    median = float(np.median(x))
+    sigma = 1.4826 * float(np.median(np.abs(x - median)))
+    # The strongest ink, averaged over 3x3 so that a single hot pixel does not count: a thin
+    # "1" can cover under 0.1% of a photo, so no percentile of the whole picture would do.
+    peak = float(ndimage.uniform_filter(x, size=3).max())
+    floor = median + 5.0 * sigma + 0.05
+    if peak < max(floor, 0.15):
+        return None
+    threshold = max(floor, 0.35 * peak)
+    mask = x > threshold
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    # Specks: components tiny next to the largest one are noise, not ink.
+    keep = np.flatnonzero(sizes >= max(3.0, 0.02 * sizes.max())) + 1
+    mask = np.isin(labels, keep)
+    if mask.sum() < 6:
+        return None
+    # Pure noise passes the thresholds in scattered pixels; real strokes are compact.
+    if mask.mean() > 0.45:
+        return None
+    ink = np.where(x >= max(floor, 0.3 * threshold), x, 0.0)
+    strength = float(np.percentile(ink[mask], 90))
+    ink = np.clip(ink / max(strength, 1e-6), 0.0, 1.0).astype(np.float32)
+    return InkMap(ink, mask, scale)
+
+
+def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Fit the inked region into 20x20 (aspect kept, anti-aliased) and centre its mass in 28x28."""
+    # Keep only ink that belongs to the kept strokes, with their faint anti-aliased edges.
+    near = ndimage.binary_dilation(mask, iterations=2)
+    kept = np.where(near, ink, 0.0).astype(np.float32)
+    ys, xs = np.nonzero(kept)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = kept[y0:y1, x0:x1]
+    h, w = crop.shape
+    factor = 20.0 / max(h, w)
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    small = Image.fromarray(crop, mode="F").resize(size, Image.Resampling.LANCZOS)
+    small = np.clip(np.asarray(small), 0.0, 1.0)
+    field = np.zeros((28, 28), np.float32)
+    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
+    field[top : top + size[1], left : left + size[0]] = small
+    if field.sum() > 0:
+        cy, cx = ndimage.center_of_mass(field)
+        # Whole-pixel shifts, as MNIST was made: a sub-pixel shift would blur the strokes.
+        field = ndimage.shift(field, (round(14.0 - cy), round(14.0 - cx)), order=0, mode="constant")
+    return np.clip(np.rint(field * 255.0), 0, 255).astype(np.uint8)
+
+
+def preprocess(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Digit | None:
+    """The 28x28 MNIST-style digit in ``source``, or None when the picture holds no ink.
+
+    Raises ImageError (with an HTTP-like ``status``) for input that cannot be decoded.
+    """
+    found = find_ink(load_grey(source, max_pixels))
+    if found is None:
+        return None
+    return Digit(mnist_digit(found.ink, found.mask), box_of(found.mask, found.scale))
+
+
+def box_of(mask: np.ndarray, scale: float) -> tuple[int, int, int, int]:
+    """The bounding box (x0, y0, x1, y1) of ``mask`` in the original picture's pixels."""
+    ys, xs = np.nonzero(mask)
+    return (
+        int(xs.min() / scale),
+        int(ys.min() / scale),
+        int(np.ceil((xs.max() + 1) / scale)),
+        int(np.ceil((ys.max() + 1) / scale)),
+    )
+
+
+def describe_source(source: Any) -> str:
+    """A short name for an input in messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return type(source).__name__

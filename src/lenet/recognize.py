@@ -1,0 +1,160 @@
+"""Reading digits in users' images: the Recognizer behind the CLI, the API and the service."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lenet.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    Digit,
+    ImageSource,
+    box_of,
+    find_ink,
+    load_grey,
+    mnist_digit,
+    preprocess,
+)
+from lenet.segment import split_digits
+from lenet.weights import LoadedWeights, load_weights
+
+# With calibrated probabilities, below this the best guess is more likely wrong than a
+# careful reader would accept: the answer is marked unsure (digit None) for a human to check.
+UNSURE_BELOW = 0.5
+NO_DIGIT = "no digit found"
+UNSURE = "unsure"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one digit."""
+
+    digit: int | None  # None: no digit found, or unsure
+    confidence: float  # calibrated probability of best_guess; 0 when there is no digit
+    probabilities: list[float]  # calibrated, one per digit 0-9; empty when there is no digit
+    best_guess: int | None = None
+    reason: str | None = None  # None, "no digit found" or "unsure"
+    image: np.ndarray | None = None  # the (28, 28) uint8 input the model saw
+    box: tuple[int, int, int, int] | None = None  # where in the picture (x0, y0, x1, y1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON answer (`lenet predict --json`, the service)."""
+        out: dict[str, Any] = {
+            "digit": self.digit,
+            "confidence": round(self.confidence, 6),
+            "probabilities": [round(p, 6) for p in self.probabilities],
+        }
+        if self.reason is not None:
+            out["reason"] = self.reason
+            out["best_guess"] = self.best_guess
+        return out
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The answer for a line of digits: the text (None when any digit is unsure or none found)."""
+
+    text: str | None
+    digits: list[Prediction]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON answer of `lenet predict --multi --json`."""
+        return {
+            "text": self.text,
+            "digits": [
+                {
+                    "digit": d.digit,
+                    "confidence": round(d.confidence, 6),
+                    "box": list(d.box) if d.box else None,
+                    **({"best_guess": d.best_guess} if d.digit is None else {}),
+                }
+                for d in self.digits
+            ],
+        }
+
+
+class Recognizer:
+    """A trained model with its card: images in, calibrated digits out."""
+
+    def __init__(self, weights: LoadedWeights, unsure_below: float = UNSURE_BELOW) -> None:
+        self.weights = weights
+        self.unsure_below = unsure_below
+        self.max_pixels = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        unsure_below: float = UNSURE_BELOW,
+    ) -> Recognizer:
+        """A bundled model by name (`lenet`, `lenet-relu`), a .safetensors file, or None for
+        the most accurate bundled model."""
+        return cls(load_weights(name_or_path, device), unsure_below)
+
+    @property
+    def name(self) -> str:
+        """The model's registered name."""
+        return self.weights.name
+
+    @torch.inference_mode()
+    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Calibrated probabilities (N, 10) for (28, 28) uint8 MNIST-style images."""
+        if not images:
+            return np.zeros((0, 10), np.float32)
+        batch = torch.from_numpy(np.stack(images)).unsqueeze(1)
+        model = self.weights.model
+        device = next(model.parameters()).device
+        logits = model(self.weights.normalization.apply(batch.to(device))).float().cpu()
+        return torch.softmax(logits / self.weights.temperature, dim=1).numpy()
+
+    def _answer(self, digit: Digit | None, probs: np.ndarray | None) -> Prediction:
+        if digit is None or probs is None:
+            return Prediction(None, 0.0, [], reason=NO_DIGIT)
+        best = int(probs.argmax())
+        confidence = float(probs[best])
+        sure = confidence >= self.unsure_below
+        return Prediction(
+            digit=best if sure else None,
+            confidence=confidence,
+            probabilities=[float(p) for p in probs],
+            best_guess=best,
+            reason=None if sure else UNSURE,
+            image=digit.image,
+            box=digit.box,
+        )
+
+    def predict_digits(self, digits: Sequence[Digit | None]) -> list[Prediction]:
+        """Predictions for already preprocessed digits (None: no digit), in one batch."""
+        present = [d.image for d in digits if d is not None]
+        probs = iter(self.probabilities(present))
+        return [self._answer(d, next(probs) if d is not None else None) for d in digits]
+
+    def predict(self, image: ImageSource) -> Prediction:
+        """The digit in one picture (path, bytes, file object, PIL image or numpy array)."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[ImageSource]) -> list[Prediction]:
+        """One Prediction per picture, the model run once on all of them.
+
+        Raises ImageError for the first picture that cannot be decoded.
+        """
+        return self.predict_digits([preprocess(i, self.max_pixels) for i in images])
+
+    def read(self, image: ImageSource) -> Reading:
+        """The digits in a line of handwriting, left to right."""
+        found = find_ink(load_grey(image, self.max_pixels))
+        if found is None:
+            return Reading(None, [])
+        digits = []
+        for part in split_digits(found.mask):
+            digits.append(Digit(mnist_digit(found.ink, part), box_of(part, found.scale)))
+        predictions = self.predict_digits(digits)
+        sure = predictions and all(p.digit is not None for p in predictions)
+        text = "".join(str(p.digit) for p in predictions) if sure else None
+        return Reading(text, predictions)

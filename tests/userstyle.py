@@ -1,0 +1,105 @@
+"""Pictures like users send, built from MNIST *test* digits (never trained on).
+
+Each function returns encoded file bytes: a photo or scan of paper, a canvas export with a
+transparent background, or light ink on a dark board, at many sizes and positions.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def _stroke(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The digit's ink (float 0..1) scaled to ``size`` pixels tall and rotated a little."""
+    img = Image.fromarray(digit.astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    img = img.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR, expand=True)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _place(canvas: np.ndarray, ink: np.ndarray, rng: np.random.Generator) -> None:
+    h, w = ink.shape
+    y = int(rng.integers(0, canvas.shape[0] - h + 1))
+    x = int(rng.integers(0, canvas.shape[1] - w + 1))
+    canvas[y : y + h, x : x + w] = np.maximum(canvas[y : y + h, x : x + w], ink)
+
+
+def _encode(img: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def paper(digit: np.ndarray, rng: np.random.Generator, fmt: str = "JPEG") -> bytes:
+    """Dark ink on off-white paper, uneven light, grain, anywhere on a page of random size."""
+    size = int(rng.integers(40, 220))
+    ink = _stroke(digit, size, rng)
+    h = int(rng.integers(ink.shape[0] + 4, ink.shape[0] + 300))
+    w = int(rng.integers(ink.shape[1] + 4, ink.shape[1] + 400))
+    layer = np.zeros((h, w), np.float32)
+    _place(layer, ink, rng)
+    page = rng.uniform(0.78, 0.97) - np.linspace(0, rng.uniform(0, 0.18), w)[None, :]
+    darkness = rng.uniform(0.55, 0.85)
+    grey = page - layer * darkness + rng.normal(0, 0.025, (h, w))
+    tint = np.array([1.0, rng.uniform(0.96, 1.0), rng.uniform(0.88, 0.98)])
+    rgb = np.clip(grey[..., None] * tint * 255, 0, 255).astype(np.uint8)
+    return _encode(Image.fromarray(rgb), fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+
+
+def canvas(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A drawing app's PNG export: black strokes, transparent background."""
+    side = int(rng.integers(200, 500))
+    ink = _stroke(digit, int(side * rng.uniform(0.3, 0.7)), rng)
+    layer = np.zeros((side, side), np.float32)
+    _place(layer, ink, rng)
+    rgba = np.zeros((side, side, 4), np.uint8)
+    rgba[..., 3] = np.clip(layer * 255, 0, 255).astype(np.uint8)
+    return _encode(Image.fromarray(rgba, "RGBA"), "PNG")
+
+
+def board(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """Light chalk on a dark board (MNIST's polarity), any size."""
+    size = int(rng.integers(30, 150))
+    ink = _stroke(digit, size, rng)
+    h = int(rng.integers(ink.shape[0] + 2, ink.shape[0] + 200))
+    w = int(rng.integers(ink.shape[1] + 2, ink.shape[1] + 200))
+    layer = np.zeros((h, w), np.float32)
+    _place(layer, ink, rng)
+    grey = rng.uniform(0.05, 0.25) + layer * rng.uniform(0.6, 0.9) + rng.normal(0, 0.02, (h, w))
+    return _encode(Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8)), "PNG")
+
+
+STYLES = {
+    "paper-jpeg": lambda d, r: paper(d, r, "JPEG"),
+    "paper-png": lambda d, r: paper(d, r, "PNG"),
+    "canvas": canvas,
+    "board": board,
+}
+
+
+def number_line(digits: list[np.ndarray], rng: np.random.Generator) -> bytes:
+    """Several digits written in a row on paper, with gaps of varying width."""
+    size = int(rng.integers(50, 120))
+    inks = [_stroke(d, size, rng) for d in digits]
+    inks = [
+        ink[:, np.flatnonzero(ink.max(0) > 0.1).min() : np.flatnonzero(ink.max(0) > 0.1).max() + 1]
+        for ink in inks
+    ]
+    gap = int(size * rng.uniform(0.15, 0.4))
+    width = sum(i.shape[1] for i in inks) + gap * (len(inks) + 1)
+    height = max(i.shape[0] for i in inks) + 2 * gap
+    layer = np.zeros((height, width), np.float32)
+    x = gap
+    for ink in inks:
+        y = gap + int(rng.integers(0, height - 2 * gap - ink.shape[0] + 1))
+        region = layer[y : y + ink.shape[0], x : x + ink.shape[1]]
+        np.maximum(region, ink, out=region)
+        x += ink.shape[1] + gap
+    grey = (
+        rng.uniform(0.8, 0.95) - layer * rng.uniform(0.6, 0.85) + rng.normal(0, 0.02, layer.shape)
+    )
+    return _encode(
+        Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8)), "JPEG", quality=88
+    )
