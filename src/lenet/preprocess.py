@@ -75,7 +75,13 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
                 f"{', '.join(f for f in ALLOWED_FORMATS if f != 'MPO')}."
             ) from None
         except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(f"The image is too large to decode safely: {exc}") from None
+            raise ImageTooLarge(
+                f"The image is over the limit of pixels lenet decodes: {exc}"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(
+                f"The image is damaged or truncated and cannot be decoded ({exc})."
+            ) from exc
         if image.format not in ALLOWED_FORMATS:
             raise UnsupportedImageFormat(
                 f"{image.format} images are not accepted; save it as PNG or JPEG. Supported: "
@@ -102,7 +108,7 @@ def _to_grey(image: Image.Image) -> np.ndarray:
         image.load()
         image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"The image is too large to decode safely: {exc}") from None
+        raise ImageTooLarge(f"The image is over the limit of pixels lenet decodes: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(
             f"The image is damaged or truncated and cannot be decoded ({exc})."

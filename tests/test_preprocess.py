@@ -1,0 +1,179 @@
+"""Preprocessing: any picture of a digit becomes an MNIST-style 28x28, the same way."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from scipy import ndimage
+
+from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
+from lenet.preprocess import preprocess
+
+
+def encode(img, fmt="PNG", **options):
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits(mnist):
+    return mnist.test.images[:200, 0].numpy(), mnist.test.labels[:200].numpy()
+
+
+def on_paper(digit, size=120, canvas=(200, 260), at=(40, 60)):
+    """Black ink on white paper (RGB), the digit scaled to ``size`` pixels."""
+    ink = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC))
+    page = np.full(canvas, 255, np.uint8)
+    y, x = at
+    page[y : y + size, x : x + size] = 255 - ink
+    return Image.fromarray(page).convert("RGB")
+
+
+def similar(a, b, tolerance=12.0):
+    return np.abs(a.astype(float) - b.astype(float)).mean() < tolerance
+
+
+def test_an_mnist_digit_goes_through_unchanged_in_effect(digits):
+    images, _ = digits
+    diffs = [np.abs(preprocess(x).image.astype(int) - x.astype(int)).mean() for x in images]
+    assert np.mean(diffs) < 2.0  # out of 255
+    assert np.median(diffs) < 1.0
+
+
+def test_output_shape_range_and_centre_of_mass(digits):
+    images, _ = digits
+    for digit in images[:30]:
+        out = preprocess(encode(on_paper(digit))).image
+        assert out.shape == (28, 28) and out.dtype == np.uint8 and out.max() > 200
+        cy, cx = ndimage.center_of_mass(out.astype(float))
+        assert abs(cy - 14) <= 0.75 and abs(cx - 14) <= 0.75
+        ys, xs = np.nonzero(out > 30)
+        assert max(np.ptp(ys), np.ptp(xs)) <= 21  # fitted in the 20x20 box
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    size=st.integers(24, 200),
+    dy=st.integers(0, 200),
+    dx=st.integers(0, 200),
+    pad=st.integers(0, 150),
+    invert=st.booleans(),
+)
+def test_translating_scaling_padding_or_inverting_changes_nothing_much(
+    digits, size, dy, dx, pad, invert
+):
+    digit = digits[0][3]
+    reference = preprocess(digit).image
+    picture = on_paper(digit, size, (size + dy + pad + 1, size + dx + pad + 1), (dy, dx))
+    picture = picture.convert("L")
+    if invert:
+        picture = Image.eval(picture, lambda v: 255 - v)
+    assert similar(preprocess(encode(picture)).image, reference, tolerance=20)
+
+
+def test_transparent_canvas_is_paper_not_a_black_square(digits):
+    digit = digits[0][0]
+    rgba = np.zeros((280, 280, 4), np.uint8)
+    ink = np.asarray(Image.fromarray(digit).resize((200, 200)))
+    rgba[40:240, 40:240, 3] = ink  # black strokes, alpha = ink
+    from_canvas = preprocess(encode(Image.fromarray(rgba, "RGBA"))).image
+    from_paper = preprocess(encode(on_paper(digit, 200, (280, 280), (40, 40)))).image
+    assert similar(from_canvas, from_paper, tolerance=8)
+
+
+def test_exif_rotated_jpeg_is_read_upright(digits):
+    digit = digits[0][1]
+    upright = on_paper(digit)
+    # Stored rotated, with the EXIF tag that tells viewers to turn it back (orientation 6).
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    assert similar(preprocess(data).image, preprocess(encode(upright, "JPEG", quality=95)).image)
+
+
+def test_16_bit_png_is_scaled_not_clipped(digits):
+    picture = np.asarray(on_paper(digits[0][2]).convert("L")).astype(np.uint16) * 257
+    data = encode(Image.fromarray(picture))
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    assert similar(preprocess(data).image, preprocess(encode(on_paper(digits[0][2]))).image, 2)
+
+
+def test_palette_and_cmyk_images(digits):
+    paper = on_paper(digits[0][4])
+    reference = preprocess(encode(paper)).image
+    assert similar(preprocess(encode(paper.convert("P"))).image, reference, 6)
+    assert similar(preprocess(encode(paper.convert("CMYK"), "JPEG", quality=95)).image, reference)
+
+
+@pytest.mark.parametrize("kind", ["white", "grey", "black", "noise", "gradient", "1x1"])
+def test_no_ink_means_no_digit(kind):
+    rng = np.random.default_rng(0)
+    pictures = {
+        "white": np.full((200, 200), 255, np.uint8),
+        "grey": np.full((64, 90), 128, np.uint8),
+        "black": np.zeros((300, 100), np.uint8),
+        "noise": rng.integers(0, 256, (240, 320), dtype=np.uint8),
+        "gradient": np.tile(np.linspace(60, 230, 300), (200, 1)).astype(np.uint8),
+        "1x1": np.zeros((1, 1), np.uint8),
+    }
+    assert preprocess(encode(Image.fromarray(pictures[kind]))) is None
+
+
+def test_every_input_type_gives_the_same_answer(tmp_path, digits):
+    paper = on_paper(digits[0][5])
+    path = tmp_path / "digit.png"
+    paper.save(path)
+    expected = preprocess(path).image
+    for source in (str(path), path.read_bytes(), open(path, "rb"), paper, np.asarray(paper)):
+        assert np.array_equal(preprocess(source).image, expected)
+
+
+def test_animated_gif_uses_the_first_frame(digits):
+    first, second = on_paper(digits[0][6]).convert("L"), on_paper(digits[0][7]).convert("L")
+    buffer = io.BytesIO()
+    first.save(buffer, "GIF", save_all=True, append_images=[second])
+    assert similar(preprocess(buffer.getvalue()).image, preprocess(encode(first)).image, 4)
+
+
+def png_claiming(width, height):
+    """A tiny PNG whose header claims huge dimensions (an image bomb)."""
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    png = encode(Image.new("L", (50, 50), 255))
+    jpeg = encode(Image.new("RGB", (50, 50), "white"), "JPEG")
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    cases = [
+        (b"", ImageError, "empty"),
+        (png[: len(png) // 2], ImageError, "damaged or truncated"),
+        (jpeg[:200], ImageError, "damaged or truncated"),
+        (text, ImageError, "not an image"),
+        (png_claiming(100_000, 100_000), ImageTooLarge, "over the limit"),
+        (png_claiming(8_000, 8_000), ImageTooLarge, "64,000,000 pixels, over the limit"),
+        (encode(Image.new("L", (20, 20)), "PPM"), UnsupportedImageFormat, "PPM images"),
+        (tmp_path / "missing.png", ImageError, "no such file"),
+    ]
+    for source, error, words in cases:
+        with pytest.raises(error, match=words):
+            preprocess(source)
+    assert ImageTooLarge.status == 413 and UnsupportedImageFormat.status == 415

@@ -1,0 +1,145 @@
+"""Reading users' pictures with the bundled weights: accuracy, several digits, rejection, CLI."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import userstyle
+from PIL import Image
+
+from lenet.errors import WeightsError
+from lenet.recognize import Recognizer
+from lenet.weights import bundled_weights, read_card
+
+
+@pytest.fixture(scope="module")
+def recognizer():
+    return Recognizer.load()
+
+
+@pytest.fixture(scope="module")
+def test_digits(mnist):
+    return mnist.test.images[:, 0].numpy(), mnist.test.labels.numpy()
+
+
+def test_bundled_models_and_the_default(recognizer):
+    assert {"lenet", "lenet-relu"} <= set(bundled_weights())
+    cards = {name: read_card(path) for name, path in bundled_weights().items()}
+    best = max(cards, key=lambda name: cards[name]["test_accuracy"])
+    assert recognizer.name == best
+    for card in cards.values():
+        assert card["dataset"] == "mnist" and card["command"].startswith("lenet train")
+        assert card["val_ece_after_calibration"] <= card["val_ece_before_calibration"]
+    with pytest.raises(WeightsError, match="bundled: lenet, lenet-relu"):
+        Recognizer.load("alexnet")
+
+
+def test_user_style_pictures_of_mnist_test_digits(recognizer, test_digits):
+    images, labels = test_digits
+    rng = np.random.default_rng(2026)
+    scores = {}
+    for style in sorted(userstyle.STYLES):
+        chosen = rng.choice(len(images), 150, replace=False)
+        pictures = [userstyle.STYLES[style](images[i], rng) for i in chosen]
+        answers = recognizer.predict_batch(pictures)
+        scores[style] = np.mean([a.best_guess == labels[i] for a, i in zip(answers, chosen)])
+    assert np.mean(list(scores.values())) >= 0.98, scores
+    assert min(scores.values()) >= 0.95, scores
+
+
+def test_numbers_of_two_to_six_digits_are_read_exactly(recognizer, test_digits):
+    images, labels = test_digits
+    rng = np.random.default_rng(7)
+    exact, total = 0, 40
+    for _ in range(total):
+        chosen = rng.choice(len(images), int(rng.integers(2, 7)))
+        reading = recognizer.read(userstyle.number_line([images[i] for i in chosen], rng))
+        truth = "".join(str(labels[i]) for i in chosen)
+        exact += "".join(str(d.best_guess) for d in reading.digits) == truth
+        boxes = [d.box for d in reading.digits]
+        assert boxes == sorted(boxes), "digits come left to right"
+    assert exact / total >= 0.95
+
+
+def blank(kind):
+    rng = np.random.default_rng(3)
+    values = {
+        "paper": np.full((240, 320), 235, np.uint8),
+        "noise": rng.integers(0, 256, (240, 320), dtype=np.uint8),
+    }[kind]
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["paper", "noise"])
+def test_no_digit_is_never_a_digit(recognizer, kind):
+    answer = recognizer.predict(blank(kind))
+    assert answer.digit is None and answer.reason == "no digit found"
+    reading = recognizer.read(blank(kind))
+    assert reading.text is None and reading.digits == []
+
+
+def test_unsure_answers_keep_the_best_guess(test_digits):
+    strict = Recognizer.load("lenet-relu", unsure_below=0.999999)
+    images, labels = test_digits
+    answers = strict.predict_batch(list(images[:50]))
+    unsure = [a for a in answers if a.digit is None]
+    assert unsure and all(a.reason == "unsure" and a.best_guess is not None for a in unsure)
+    assert all(len(a.probabilities) == 10 and abs(sum(a.probabilities) - 1) < 1e-5 for a in answers)
+
+
+def lenet_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "lenet", *args], input=stdin, capture_output=True)
+
+
+def test_evaluate_reproduces_the_bundled_card_exactly(mnist):
+    done = lenet_cli("evaluate", "lenet-relu", "--json")
+    assert done.returncode == 0, done.stderr
+    card = read_card(bundled_weights()["lenet-relu"])
+    assert json.loads(done.stdout)["accuracy"] == card["test_accuracy"]
+
+
+def test_predict_cli_answers_every_input_in_order(test_digits, tmp_path):
+    images, labels = test_digits
+    rng = np.random.default_rng(11)
+    folder = tmp_path / "scans" / "inner"
+    folder.mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(userstyle.paper(images[0], rng))
+    (folder / "b.png").write_bytes(userstyle.canvas(images[1], rng))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(userstyle.canvas(images[2], rng)[:300])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(blank("paper"))
+    saved = tmp_path / "seen"
+    done = lenet_cli(
+        "predict", str(tmp_path / "scans"), str(broken), "-", str(empty), "--json",
+        "--save-inputs", str(saved), stdin=userstyle.board(images[3], rng),
+    )  # fmt: skip
+    assert done.returncode == 1  # one input failed; the others are still answered
+    lines = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert [line["file"] for line in lines] == [
+        str(folder / "a.jpg"), str(folder / "b.png"), str(broken), "-", str(empty)
+    ]  # fmt: skip
+    assert [line.get("digit") for line in lines[:2]] == [labels[0], labels[1]]
+    assert "error" in lines[2] and "truncated" in lines[2]["error"]
+    assert lines[3]["digit"] == labels[3]
+    assert lines[4]["digit"] is None and lines[4]["reason"] == "no digit found"
+    pngs = sorted(saved.glob("*.png"))
+    assert len(pngs) == 3 and Image.open(pngs[0]).size == (28, 28)
+
+
+def test_predict_cli_multi_and_table(test_digits, tmp_path):
+    images, labels = test_digits
+    rng = np.random.default_rng(5)
+    picture = tmp_path / "number.jpg"
+    picture.write_bytes(userstyle.number_line([images[i] for i in (0, 1, 2)], rng))
+    done = lenet_cli("predict", str(picture), "--multi", "--json")
+    answer = json.loads(done.stdout)
+    assert answer["text"] == "".join(str(labels[i]) for i in (0, 1, 2))
+    assert [len(d["box"]) for d in answer["digits"]] == [4, 4, 4]
+    table = lenet_cli("predict", str(picture), "--topk", "3").stdout.decode()
+    assert "top:" in table and str(picture) in table
