@@ -170,7 +170,7 @@ def test_cli_data_info_and_models(mnist):
         (["train", "--resume"], "--resume needs --out"),
         (["train", "--epochs", "0"], "must be a positive whole number"),
         (["train", "--optimizer", "rmsprop"], "invalid choice"),
-        (["evaluate", "missing.safetensors"], "does not exist"),
+        (["evaluate", "missing.safetensors"], "neither a weights file nor a bundled model"),
     ],
 )
 def test_cli_bad_input_gets_a_clear_message(args, message, tmp_path):

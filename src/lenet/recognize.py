@@ -16,7 +16,7 @@ from lenet.preprocess import (
     ImageSource,
     box_of,
     find_ink,
-    load_grey,
+    load_picture,
     mnist_digit,
     preprocess,
 )
@@ -148,7 +148,7 @@ class Recognizer:
 
     def read(self, image: ImageSource) -> Reading:
         """The digits in a line of handwriting, left to right."""
-        found = find_ink(load_grey(image, self.max_pixels))
+        found = find_ink(load_picture(image, self.max_pixels))
         if found is None:
             return Reading(None, [])
         digits = []

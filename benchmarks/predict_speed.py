@@ -1,0 +1,110 @@
+"""Recognition speed: one user photo end to end, and throughput on the MNIST test set as files.
+
+    python benchmarks/predict_speed.py
+
+Prints the machine, versions, and per stage the median time for one 640x480 JPEG of a
+handwritten digit on paper (decode, preprocess, model) on one thread, then files per second
+for the 10,000 MNIST test images written as PNG files and read back with `lenet predict`'s
+code path (one thread and all threads).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lenet.data import load_dataset
+from lenet.preprocess import find_ink, load_picture, mnist_digit, preprocess
+from lenet.recognize import Recognizer
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A 640x480 JPEG of a dark digit on paper."""
+    ink = np.asarray(Image.fromarray(digit).resize((220, 220), Image.Resampling.BICUBIC))
+    page = 0.9 - np.linspace(0, 0.1, 640)[None, :] + rng.normal(0, 0.02, (480, 640))
+    page[130:350, 200:420] -= ink / 255 * 0.7
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(page * 255, 0, 255).astype(np.uint8)).convert("RGB").save(
+        buffer, "JPEG", quality=90
+    )
+    return buffer.getvalue()
+
+
+def median_ms(fn, repeats: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.platform()}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}")
+    data = load_dataset("mnist")
+    images, labels = data.test.images[:, 0].numpy(), data.test.labels.numpy()
+    recognizer = Recognizer.load()
+    print(f"model: bundled {recognizer.name}\n")
+
+    torch.set_num_threads(1)
+    jpeg = photo(images[0], np.random.default_rng(0))
+    picture = load_picture(jpeg)
+    found = find_ink(picture)
+    digit = preprocess(jpeg)
+    print("## One 640x480 JPEG, one thread (median of 200)\n")
+    print("| stage | ms |\n|---|---|")
+    stages = {
+        "decode (JPEG to grey array)": lambda: load_picture(jpeg),
+        "find ink (polarity, background, noise)": lambda: find_ink(picture),
+        "MNIST construction (20x20 box, centre of mass)": lambda: mnist_digit(
+            found.ink, found.mask
+        ),
+        "model (calibrated probabilities)": lambda: recognizer.probabilities([digit.image]),
+        "**total: Recognizer.predict(bytes)**": lambda: recognizer.predict(jpeg),
+    }
+    for name, fn in stages.items():
+        print(f"| {name} | {median_ms(fn):.2f} |")
+
+    print("\n## The 10,000 MNIST test images as PNG files\n")
+    print("| threads | files/s | accuracy |\n|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, image in enumerate(images):
+            path = Path(tmp) / f"{i:05d}.png"
+            Image.fromarray(image).save(path)
+            paths.append(path)
+        for threads in (1, os.cpu_count() or 1):
+            torch.set_num_threads(threads)
+            started = time.perf_counter()
+            answers = []
+            for start in range(0, len(paths), 500):
+                answers += recognizer.predict_batch(paths[start : start + 500])
+            seconds = time.perf_counter() - started
+            accuracy = np.mean([a.best_guess == y for a, y in zip(answers, labels)])
+            print(f"| {threads} | {len(paths) / seconds:,.0f} | {accuracy:.2%} |")
+
+
+if __name__ == "__main__":
+    main()
