@@ -143,3 +143,51 @@ def test_predict_cli_multi_and_table(test_digits, tmp_path):
     assert [len(d["box"]) for d in answer["digits"]] == [4, 4, 4]
     table = lenet_cli("predict", str(picture), "--topk", "3").stdout.decode()
     assert "top:" in table and str(picture) in table
+
+
+def test_touching_digits_are_separated_where_they_can_be(recognizer, test_digits):
+    images, labels = test_digits
+    rng = np.random.default_rng(3)
+    counted = exact = 0
+    for _ in range(40):
+        chosen = rng.choice(len(images), 2)
+        picture = userstyle.number_line([images[i] for i in chosen], rng, touching=True)
+        reading = recognizer.read(picture)
+        counted += len(reading.digits) == 2
+        exact += "".join(str(d.best_guess) for d in reading.digits) == "".join(
+            str(labels[i]) for i in chosen
+        )
+    assert counted >= 34 and exact >= 28  # measured: 37 and 31 of 40
+
+
+FONTS = [
+    None,  # Pillow's own font, always there
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
+    "/usr/share/fonts/opentype/comic-neue/ComicNeue-Regular.otf",  # handwriting-like
+    "/usr/share/fonts/opentype/comic-neue/ComicNeue-Italic.otf",
+]
+
+
+def test_typed_digits_in_plain_and_handwriting_like_fonts(recognizer):
+    from pathlib import Path
+
+    from PIL import ImageDraw, ImageFont
+
+    fonts = [f for f in FONTS if f is None or Path(f).is_file()]
+    correct = total = 0
+    for path in fonts:
+        for size in (16, 28, 48, 96, 200):
+            font = (
+                ImageFont.load_default(size=size)
+                if path is None
+                else ImageFont.truetype(path, size)
+            )
+            for digit in range(10):
+                page = Image.new("L", (size * 3, size * 2), 255)
+                ImageDraw.Draw(page).text((size * 0.8, size * 0.3), str(digit), font=font, fill=0)
+                buffer = io.BytesIO()
+                page.save(buffer, "PNG")
+                correct += recognizer.predict(buffer.getvalue()).best_guess == digit
+                total += 1
+    assert correct / total >= 0.97, f"{correct}/{total}"

@@ -79,8 +79,10 @@ STYLES = {
 }
 
 
-def number_line(digits: list[np.ndarray], rng: np.random.Generator) -> bytes:
-    """Several digits written in a row on paper, with gaps of varying width."""
+def number_line(
+    digits: list[np.ndarray], rng: np.random.Generator, touching: bool = False
+) -> bytes:
+    """Several digits written in a row on paper, with gaps of varying width (or touching)."""
     size = int(rng.integers(50, 120))
     inks = [_stroke(d, size, rng) for d in digits]
     inks = [
@@ -88,7 +90,8 @@ def number_line(digits: list[np.ndarray], rng: np.random.Generator) -> bytes:
         for ink in inks
     ]
     gap = int(size * rng.uniform(0.15, 0.4))
-    width = sum(i.shape[1] for i in inks) + gap * (len(inks) + 1)
+    step = -int(size * 0.04) if touching else gap  # touching: strokes overlap slightly
+    width = sum(i.shape[1] for i in inks) + step * (len(inks) - 1) + 2 * gap
     height = max(i.shape[0] for i in inks) + 2 * gap
     layer = np.zeros((height, width), np.float32)
     x = gap
@@ -96,7 +99,7 @@ def number_line(digits: list[np.ndarray], rng: np.random.Generator) -> bytes:
         y = gap + int(rng.integers(0, height - 2 * gap - ink.shape[0] + 1))
         region = layer[y : y + ink.shape[0], x : x + ink.shape[1]]
         np.maximum(region, ink, out=region)
-        x += ink.shape[1] + gap
+        x += ink.shape[1] + step
     grey = (
         rng.uniform(0.8, 0.95) - layer * rng.uniform(0.6, 0.85) + rng.normal(0, 0.02, layer.shape)
     )
