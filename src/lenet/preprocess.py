@@ -248,10 +248,10 @@ def find_ink(picture: Picture) -> InkMap | None:
     labels, count = ndimage.label(mask)
     if count == 0:
         return None
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes[0] = 0  # the background
     # Specks: components tiny next to the largest one are noise, not ink.
-    keep = np.flatnonzero(sizes >= max(3.0, 0.02 * sizes.max())) + 1
-    mask = np.isin(labels, keep)
+    mask = (sizes >= max(3.0, 0.02 * sizes.max()))[labels]
     if mask.sum() < 6:
         return None
     # Pure noise passes the thresholds in scattered pixels; real strokes are compact.
@@ -267,16 +267,12 @@ def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Fit the inked region into 20x20 (aspect kept, anti-aliased) and centre its mass in 28x28."""
     # Keep only ink that belongs to the kept strokes, with their faint anti-aliased edges
     # (worked out around the strokes only, not over the whole picture).
-    ys, xs = np.nonzero(mask)
-    top, left = max(ys.min() - 3, 0), max(xs.min() - 3, 0)
-    mask, ink = (
-        mask[top : ys.max() + 4, left : xs.max() + 4],
-        ink[top : ys.max() + 4, left : xs.max() + 4],
-    )
+    y0, y1, x0, x1 = _bounds(mask)
+    top, left = max(y0 - 3, 0), max(x0 - 3, 0)
+    mask, ink = mask[top : y1 + 3, left : x1 + 3], ink[top : y1 + 3, left : x1 + 3]
     near = ndimage.binary_dilation(mask, iterations=2)
     kept = np.where(near, ink, 0.0).astype(np.float32)
-    ys, xs = np.nonzero(kept)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    y0, y1, x0, x1 = _bounds(kept > 0)
     crop = kept[y0:y1, x0:x1]
     h, w = crop.shape
     factor = 20.0 / max(h, w)
@@ -306,13 +302,14 @@ def preprocess(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dig
 
 def box_of(mask: np.ndarray, scale: float) -> tuple[int, int, int, int]:
     """The bounding box (x0, y0, x1, y1) of ``mask`` in the original picture's pixels."""
-    ys, xs = np.nonzero(mask)
-    return (
-        int(xs.min() / scale),
-        int(ys.min() / scale),
-        int(np.ceil((xs.max() + 1) / scale)),
-        int(np.ceil((ys.max() + 1) / scale)),
-    )
+    y0, y1, x0, x1 = _bounds(mask)
+    return (int(x0 / scale), int(y0 / scale), int(np.ceil(x1 / scale)), int(np.ceil(y1 / scale)))
+
+
+def _bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Rows y0:y1 and columns x0:x1 (end exclusive) that hold all True pixels of ``mask``."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def describe_source(source: Any) -> str:
