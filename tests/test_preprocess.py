@@ -177,3 +177,51 @@ def test_bad_files_give_clear_errors(tmp_path):
         with pytest.raises(error, match=words):
             preprocess(source)
     assert ImageTooLarge.status == 413 and UnsupportedImageFormat.status == 415
+
+
+def test_a_scanners_black_edge_and_a_dark_desk_are_not_ink(digits):
+    digit = digits[0][8]
+    reference = preprocess(encode(on_paper(digit))).image
+    framed = np.asarray(on_paper(digit).convert("L")).copy()
+    framed[:4, :] = framed[-4:, :] = framed[:, :4] = framed[:, -4:] = 0
+    assert similar(preprocess(framed).image, reference)
+    desk = np.full((250, 320), 25, np.uint8)  # the paper photographed on a dark desk
+    desk[20:220, 40:300] = np.asarray(on_paper(digit).convert("L"))
+    assert similar(preprocess(desk).image, reference)
+
+
+def test_a_stray_dot_does_not_shrink_the_digit(digits):
+    digit = digits[0][9]
+    page = np.asarray(on_paper(digit, 120, (300, 400), (40, 40)).convert("L")).copy()
+    reference = preprocess(page.copy()).image
+    page[250:258, 350:358] = 0  # a dot far from the digit
+    found = preprocess(page)
+    assert similar(found.image, reference, 4)
+    assert found.box[2] < 200  # the box stays on the digit
+
+
+def test_light_strokes_on_a_transparent_canvas(digits):
+    digit = digits[0][10]
+    rgba = np.zeros((280, 280, 4), np.uint8)
+    ink = np.asarray(Image.fromarray(digit).resize((200, 200)))
+    rgba[40:240, 40:240, :3] = 255  # white strokes
+    rgba[40:240, 40:240, 3] = ink
+    reference = preprocess(encode(on_paper(digit, 200, (280, 280), (40, 40)))).image
+    assert similar(preprocess(encode(Image.fromarray(rgba, "RGBA"))).image, reference, 8)
+
+
+def test_numpy_arrays_of_any_dtype_and_shape(digits):
+    paper = np.asarray(on_paper(digits[0][11]))  # (H, W, 3) uint8
+    reference = preprocess(paper).image
+    for array in (
+        paper.astype(np.float64),  # 0-255 floats
+        paper.astype(np.float32) / 255,  # 0-1 floats
+        paper.astype(np.int64),
+        paper[..., :1],  # (H, W, 1)
+        paper.astype(np.uint16) * 257,
+    ):
+        assert similar(preprocess(array).image, reference, 3), array.dtype
+    with pytest.raises(ImageError, match="must be"):
+        preprocess(np.zeros((0, 5), np.uint8))
+    with pytest.raises(ImageError, match="text mode"):
+        preprocess(io.StringIO("not bytes"))

@@ -57,8 +57,7 @@ def test_numbers_of_two_to_six_digits_are_read_exactly(recognizer, test_digits):
     for _ in range(total):
         chosen = rng.choice(len(images), int(rng.integers(2, 7)))
         reading = recognizer.read(userstyle.number_line([images[i] for i in chosen], rng))
-        truth = "".join(str(labels[i]) for i in chosen)
-        exact += "".join(str(d.best_guess) for d in reading.digits) == truth
+        exact += reading.text == "".join(str(labels[i]) for i in chosen)
         boxes = [d.box for d in reading.digits]
         assert boxes == sorted(boxes), "digits come left to right"
     assert exact / total >= 0.95
@@ -191,3 +190,46 @@ def test_typed_digits_in_plain_and_handwriting_like_fonts(recognizer):
                 correct += recognizer.predict(buffer.getvalue()).best_guess == digit
                 total += 1
     assert correct / total >= 0.97, f"{correct}/{total}"
+
+
+def test_mnist_digits_through_the_recognizer_match_the_model_on_raw_tensors(
+    recognizer, test_digits
+):
+    import torch
+
+    images, _ = test_digits
+    answers = recognizer.predict_batch(list(images[:1000]))
+    raw = torch.from_numpy(images[:1000]).unsqueeze(1)
+    direct = recognizer.probabilities(list(images[:1000])).argmax(1)
+    with torch.inference_mode():
+        model = recognizer.weights.model
+        logits = model(recognizer.weights.normalization.apply(raw))
+    assert (direct == logits.argmax(1).numpy()).all()
+    same = np.mean([a.best_guess == d for a, d in zip(answers, direct)])
+    assert same >= 0.997
+
+
+def test_a_batch_with_one_broken_picture_answers_the_others(recognizer, test_digits):
+    images, labels = test_digits
+    rng = np.random.default_rng(4)
+    good = userstyle.paper(images[0], rng)
+    answers = recognizer.predict_batch([good, good[:100], b"", userstyle.canvas(images[1], rng)])
+    assert answers[0].digit == labels[0] and answers[3].digit == labels[1]
+    assert answers[1].error and "truncated" in answers[1].error
+    assert answers[2].error and "empty" in answers[2].error
+    assert answers[1].to_dict() == {"error": answers[1].error}
+
+
+def test_what_is_not_a_digit_is_left_out(recognizer, test_digits):
+    images, labels = test_digits
+    rng = np.random.default_rng(8)
+    page = np.full((300, 400), 235, np.uint8)
+    page[150:153, :] = 40  # a ruled line across the page
+    assert recognizer.read(page).digits == []
+    assert recognizer.predict(page).digit is None
+    # The same line under a number: the number is read, the line is not a digit.
+    line = np.asarray(Image.open(io.BytesIO(userstyle.number_line(
+        [images[i] for i in (0, 1)], rng
+    ))).convert("L")).copy()  # fmt: skip
+    line[-6:-3, :] = 30
+    assert recognizer.read(line).text == f"{labels[0]}{labels[1]}"

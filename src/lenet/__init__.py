@@ -20,6 +20,9 @@ _EXPORTS = {
     "train": "lenet.training",
     "evaluate": "lenet.evaluation",
     "load_weights": "lenet.weights",
+    "Recognizer": "lenet.recognize",
+    "Prediction": "lenet.recognize",
+    "Reading": "lenet.recognize",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -324,8 +324,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from lenet.errors import ImageError
-    from lenet.preprocess import preprocess
-    from lenet.recognize import UNSURE_BELOW, Recognizer
+    from lenet.recognize import NO_DIGIT, UNSURE_BELOW, Recognizer
 
     recognizer = Recognizer.load(args.weights, unsure_below=args.unsure_below or UNSURE_BELOW)
     files = _expand(args.paths)
@@ -343,14 +342,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 reading = recognizer.read(source)
                 answers, result = reading.digits, reading.to_dict()
             else:
-                answers = recognizer.predict_digits([preprocess(source, recognizer.max_pixels)])
+                answers = [recognizer.predict(source)]
                 result = answers[0].to_dict()
-        except ImageError as exc:
+        except Exception as exc:  # one picture's failure must not stop the others
             failed += 1
+            message = str(exc) if isinstance(exc, ImageError) else f"unexpected error: {exc!r}"
             if args.json:
-                print(json.dumps({"file": name, "error": str(exc)}), flush=True)
+                print(json.dumps({"file": name, "error": message}), flush=True)
             else:
-                print(f"{'error':<18} {name}: {exc}", flush=True)
+                print(f"{'error':<18} {name}: {message}", flush=True)
             continue
         if save is not None:
             save.mkdir(parents=True, exist_ok=True)
@@ -369,7 +369,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{text:<18} {name}  [{detail}]", flush=True)
         else:
             answer = answers[0]
-            if answer.reason == "no digit found":
+            if answer.reason == NO_DIGIT:
                 print(f"{'-':<5}  {'no digit found':<10} {name}", flush=True)
                 continue
             shown = str(answer.digit) if answer.digit is not None else f"?{answer.best_guess}"

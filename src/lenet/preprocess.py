@@ -3,8 +3,9 @@
 MNIST digits are light ink on black, fitted into a 20x20 box with their aspect ratio kept
 (anti-aliased) and placed in a 28x28 field so that their centre of mass is at the centre.
 Shrinking a whole photo or canvas to 28x28 instead is why most digit demos misread users'
-images; here every picture goes through the same construction. Training, evaluation, the
-CLI, the Python API and the service all call this module, never a copy of it.
+images; here every picture goes through the same construction. The CLI, the Python API, the
+service and export checks all call this module, never a copy of it (training and evaluation
+read MNIST, which already is in this form).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
+from lenet.segment import group_strokes
 
 # Pillow's names for the formats lenet reads (MPO is how Pillow names many cameras' JPEGs).
 ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF")
@@ -41,51 +43,59 @@ class Digit:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the original image's pixels (x1, y1 excl.)
 
 
+SUPPORTED = ", ".join(f for f in ALLOWED_FORMATS if f != "MPO")
+# ITU-R 601-2 luma, the weights Pillow's own convert("L") uses.
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 def _open(source: ImageSource, max_pixels: int) -> Image.Image:
-    """Open (lazily) and check format and size before decoding."""
+    """Open lazily and check format and pixel count before anything is decoded."""
     if isinstance(source, Image.Image):
         image = source
     else:
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise ImageError(f"{path}: no such file.") from None
-            except IsADirectoryError:
-                raise ImageError(f"{path} is a folder, not an image.") from None
-            except OSError as exc:
-                raise ImageError(f"{path} cannot be read: {exc.strerror or exc}.") from exc
+            if path.is_dir():
+                raise ImageError(f"{path} is a folder, not an image.")
+            if not path.is_file():
+                raise ImageError(f"{path}: no such file.")
+            if path.stat().st_size == 0:
+                raise ImageError(f"{path} is empty (0 bytes).")
+            opened: Any = path  # Pillow reads only the header until pixels are asked for
         elif isinstance(source, (bytes, bytearray, memoryview)):
-            data = bytes(source)
+            if not len(source):
+                raise ImageError("The image is empty (0 bytes).")
+            opened = io.BytesIO(bytes(source))
         elif hasattr(source, "read"):
             data = source.read()
+            if isinstance(data, str):
+                raise ImageError("The file was opened in text mode: open it with mode 'rb'.")
+            if not data:
+                raise ImageError("The image is empty (0 bytes).")
+            opened = io.BytesIO(data)
         else:
             raise ImageError(
                 f"Cannot read an image from a {type(source).__name__}: give a path, bytes, a "
                 "file object, a PIL image or a numpy array."
             )
-        if not data:
-            raise ImageError("The image is empty (0 bytes).")
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(opened)
         except UnidentifiedImageError:
             raise ImageError(
-                "This is not an image lenet can read (or it is damaged). Supported formats: "
-                f"{', '.join(f for f in ALLOWED_FORMATS if f != 'MPO')}."
+                f"This is not an image lenet can read (or it is damaged). Supported: {SUPPORTED}."
             ) from None
         except Image.DecompressionBombError as exc:
             raise ImageTooLarge(
                 f"The image is over the limit of pixels lenet decodes: {exc}"
             ) from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except Exception as exc:  # decoders raise many types on damaged headers
             raise ImageError(
-                f"The image is damaged or truncated and cannot be decoded ({exc})."
+                f"The image is damaged or truncated and cannot be read ({exc})."
             ) from exc
         if image.format not in ALLOWED_FORMATS:
             raise UnsupportedImageFormat(
-                f"{image.format} images are not accepted; save it as PNG or JPEG. Supported: "
-                f"{', '.join(f for f in ALLOWED_FORMATS if f != 'MPO')}."
+                f"{image.format} images are not accepted; save it as PNG or JPEG. "
+                f"Supported: {SUPPORTED}."
             )
     width, height = image.size
     if width * height > max_pixels:
@@ -98,77 +108,93 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
     return image
 
 
-def _to_grey(image: Image.Image) -> tuple[np.ndarray, float]:
-    """Decode to a float32 (H, W) array in [0, 1]; transparency composited onto white.
+def _composite(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Put a transparent drawing onto the background it was drawn for.
 
-    Also returns the scale (array pixels per image pixel): a large JPEG is decoded directly
-    at a reduced size, which is several times faster than decoding it whole.
+    A canvas export is usually dark strokes on a transparent background (paper: white); light
+    strokes on transparency are put on black instead, or they would vanish.
     """
+    drawn = alpha > 0.5
+    light_strokes = drawn.any() and float(grey[drawn].mean()) > 0.5
+    background = 0.0 if light_strokes else 1.0
+    return grey * alpha + background * (1.0 - alpha)
+
+
+def _to_grey(image: Image.Image) -> tuple[np.ndarray, float]:
+    """Decode to a float32 (H, W) array in [0, 1], and its scale to the original.
+
+    A large picture is shrunk while decoding (JPEG) or right after (others), in Pillow's own
+    integer formats, so memory stays small whatever the picture's size.
+    """
+    original = max(image.size)
     try:
         image.seek(0)  # animated GIF/WebP/TIFF: the first frame
-    except (EOFError, AttributeError):
+    except (EOFError, AttributeError, ValueError):
         pass
-    full_width = image.size[0]
     try:
         if image.format in ("JPEG", "MPO") and max(image.size) > WORK_MAX_SIDE:
             factor = WORK_MAX_SIDE / max(image.size)
             # Grey straight from the decoder, unless CMYK, which needs its own conversion.
             mode = "L" if image.mode in ("L", "RGB", "YCbCr") else image.mode
             image.draft(mode, (int(image.size[0] * factor), int(image.size[1] * factor)))
-        decode_scale = image.size[0] / full_width
         image.load()
         image = ImageOps.exif_transpose(image)
+        shrink = max(image.size) // WORK_MAX_SIDE
+        if shrink >= 2 and image.mode in ("L", "LA", "RGB", "RGBA", "CMYK", "P"):
+            image = (image.convert("RGBA") if image.mode == "P" else image).reduce(shrink)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"The image is over the limit of pixels lenet decodes: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # damaged data or metadata: decoders raise many types
         raise ImageError(
             f"The image is damaged or truncated and cannot be decoded ({exc})."
         ) from exc
+    scale = max(image.size) / original
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(image, dtype=np.float32)
         # 16-bit files are scaled, not clipped: their full range maps onto [0, 1].
-        scale = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        return np.clip(values / scale, 0, 1), decode_scale
+        full = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        return np.clip(values / full, 0, 1), scale
     if mode == "F":
-        values = np.asarray(image, dtype=np.float32)
-        return np.clip(values / (255.0 if values.max(initial=0) > 1 else 1.0), 0, 1), decode_scale
+        return _from_array(np.asarray(image, dtype=np.float32)), scale
     if mode == "L":
-        return np.asarray(image, dtype=np.float32) / 255.0, decode_scale
+        return np.asarray(image, dtype=np.float32) / 255.0, scale
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         mode == "P" and "transparency" in image.info
     )
     if has_alpha:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        alpha = rgba[..., 3:4]
-        # A canvas export is dark strokes on a transparent background: transparent means paper.
-        rgb = rgba[..., :3] * alpha + (1.0 - alpha)
-    else:
-        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32), decode_scale
+        return _from_array(np.asarray(image.convert("RGBA"))), scale
+    return np.asarray(image.convert("RGB").convert("L"), dtype=np.float32) / 255.0, scale
 
 
 def _from_array(array: np.ndarray) -> np.ndarray:
+    """Any (H, W), (H, W, 1-4) or (1, H, W) array of grey, grey+alpha, RGB or RGBA values.
+
+    Integers are read at their type's range (uint8: 255, uint16: 65535); floats and other
+    integers as [0, 1] when they stay within it, else as 0-255.
+    """
     values = np.asarray(array)
-    if values.ndim == 3 and values.shape[2] in (3, 4):
-        scale = 65535.0 if values.dtype == np.uint16 else 255.0 if values.dtype == np.uint8 else 1.0
-        values = values.astype(np.float32) / scale
-        if values.shape[2] == 4:
-            alpha = values[..., 3:4]
-            values = values[..., :3] * alpha + (1.0 - alpha)
-        return np.clip(values[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32), 0, 1)
     if values.ndim == 3 and values.shape[0] == 1:
         values = values[0]
-    if values.ndim != 2:
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[..., 0]
+    if values.ndim not in (2, 3) or (values.ndim == 3 and values.shape[2] > 4) or 0 in values.shape:
         raise ImageError(
-            f"An image array must be (H, W), (H, W, 3) or (H, W, 4); got {values.shape}."
+            f"An image array must be (H, W) or (H, W, 1-4) with pixels; got {values.shape}."
         )
     if values.dtype == np.uint8:
-        return values.astype(np.float32) / 255.0
-    if values.dtype == np.uint16:
-        return values.astype(np.float32) / 65535.0
-    values = values.astype(np.float32)
-    return np.clip(values / (255.0 if values.max(initial=0) > 1 else 1.0), 0, 1)
+        values = values.astype(np.float32) / 255.0
+    elif values.dtype == np.uint16:
+        values = values.astype(np.float32) / 65535.0
+    else:
+        values = values.astype(np.float32)
+        values = np.clip(values / (255.0 if values.max(initial=0) > 1 else 1.0), 0, 1)
+    if values.ndim == 2:
+        return values
+    channels = values.shape[2]
+    alpha = values[..., -1] if channels in (2, 4) else None
+    colour = values[..., :3] @ LUMA if channels >= 3 else values[..., 0]
+    return _composite(colour, alpha) if alpha is not None else colour
 
 
 @dataclass(frozen=True)
@@ -209,29 +235,30 @@ def find_ink(picture: Picture) -> InkMap | None:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         grey = np.asarray(Image.fromarray(grey, mode="F").resize(size, Image.Resampling.BOX))
         height, width = grey.shape
+    # Polarity: the ink is the tail of the grey values farther from the typical pixel (the
+    # background). A border test would be fooled by a dark desk or a scanner's black edge.
+    typical = float(np.median(grey[::2, ::2]))
+    smooth = ndimage.uniform_filter(grey, size=3)
+    dark_ink = typical - float(smooth.min()) > float(smooth.max()) - typical
+    x = 1.0 - grey if dark_ink else grey.copy()
     frame = max(1, round(0.04 * min(height, width)))
     border = np.concatenate(
-        [
-            grey[:frame].ravel(),
-            grey[-frame:].ravel(),
-            grey[:, :frame].ravel(),
-            grey[:, -frame:].ravel(),
-        ]
+        [x[:frame].ravel(), x[-frame:].ravel(), x[:, :frame].ravel(), x[:, -frame:].ravel()]
     )
-    # Polarity from the background (the border), not from a fixed threshold.
-    x = 1.0 - grey if np.median(border) > 0.5 else grey.copy()
-    if min(height, width) >= 48:
+    low, high = np.percentile(border, [5, 95])
+    if min(height, width) >= 48 and high - low > 0.15:
         # Uneven lighting: the background is what remains after removing anything thinner
-        # than an eighth of the picture (strokes), smoothed. It varies slowly, so it is
+        # than a quarter of the picture (strokes), smoothed. It varies slowly, so it is
         # estimated on a grid four times coarser and interpolated back.
         coarse = x[::4, ::4]
-        k = max(5, (min(coarse.shape) // 8) | 1)
-        low = ndimage.uniform_filter(ndimage.grey_opening(coarse, size=(k, k)), size=k)
+        k = max(5, (min(coarse.shape) // 4) | 1)
+        lit = ndimage.uniform_filter(ndimage.grey_opening(coarse, size=(k, k)), size=k)
         background = np.asarray(
-            Image.fromarray(low, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+            Image.fromarray(lit, mode="F").resize((width, height), Image.Resampling.BILINEAR)
         )
     else:
-        background = np.float32(np.median(1.0 - border if np.median(border) > 0.5 else border))
+        # Even lighting: one level, that of the typical pixel (after the polarity flip).
+        background = np.float32(1.0 - typical if dark_ink else typical)
     x = np.clip(x - background, 0.0, 1.0)
     # Paper grain and sensor noise: the spread of the (mostly background) pixels.
     sample = x[::2, ::2]  # noise statistics need no more pixels than this
@@ -250,12 +277,21 @@ def find_ink(picture: Picture) -> InkMap | None:
         return None
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0  # the background
-    # Specks: components tiny next to the largest one are noise, not ink.
-    mask = (sizes >= max(3.0, 0.02 * sizes.max()))[labels]
-    if mask.sum() < 6:
+    # Pure noise passes the thresholds in many scattered pieces; strokes are few and large.
+    if count > 20 and sizes.max() < 0.3 * sizes.sum():
         return None
-    # Pure noise passes the thresholds in scattered pixels; real strokes are compact.
-    if mask.mean() > 0.45:
+    keep = sizes >= max(3.0, 0.02 * sizes.max())  # specks next to the strokes are noise
+    # Ink touching the picture's edge is a desk, a frame or a shadow when there is ink
+    # elsewhere, or when it covers much of the picture; a tightly cropped digit is alone.
+    edge = np.zeros(count + 1, bool)
+    edge[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
+    edge[0] = False
+    inside = keep & ~edge
+    if inside.any() and sizes[inside].max() >= 0.2 * sizes[keep].max():
+        keep &= ~edge
+    keep &= sizes < 0.35 * labels.size
+    mask = keep[labels]
+    if mask.sum() < 6:
         return None
     ink = np.where(x >= max(floor, 0.3 * threshold), x, 0.0)
     strength = float(np.percentile(ink[mask], 90))
@@ -295,9 +331,12 @@ def preprocess(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dig
     Raises ImageError (with an HTTP-like ``status``) for input that cannot be decoded.
     """
     found = find_ink(load_picture(source, max_pixels))
-    if found is None:
+    groups = group_strokes(found.mask) if found is not None else []
+    if not groups:
         return None
-    return Digit(mnist_digit(found.ink, found.mask), box_of(found.mask, found.scale))
+    # One digit is asked for: the largest group of strokes; stray marks elsewhere are ignored.
+    main = max(groups, key=np.count_nonzero)
+    return Digit(mnist_digit(found.ink, main), box_of(main, found.scale))
 
 
 def box_of(mask: np.ndarray, scale: float) -> tuple[int, int, int, int]:
@@ -310,10 +349,3 @@ def _bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
     """Rows y0:y1 and columns x0:x1 (end exclusive) that hold all True pixels of ``mask``."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def describe_source(source: Any) -> str:
-    """A short name for an input in messages."""
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return type(source).__name__

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lenet.errors import ImageError
 from lenet.preprocess import (
     DEFAULT_MAX_PIXELS,
     Digit,
@@ -41,9 +42,12 @@ class Prediction:
     reason: str | None = None  # None, "no digit found" or "unsure"
     image: np.ndarray | None = None  # the (28, 28) uint8 input the model saw
     box: tuple[int, int, int, int] | None = None  # where in the picture (x0, y0, x1, y1)
+    error: str | None = None  # set when the picture could not be read (predict_batch)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON answer (`lenet predict --json`, the service)."""
+        if self.error is not None:
+            return {"error": self.error}
         out: dict[str, Any] = {
             "digit": self.digit,
             "confidence": round(self.confidence, 6),
@@ -115,7 +119,8 @@ class Recognizer:
 
     def _answer(self, digit: Digit | None, probs: np.ndarray | None) -> Prediction:
         if digit is None or probs is None:
-            return Prediction(None, 0.0, [], reason=NO_DIGIT)
+            # Ten zeros keep the answer's shape; "reason" says there was nothing to read.
+            return Prediction(None, 0.0, [0.0] * 10, reason=NO_DIGIT)
         best = int(probs.argmax())
         confidence = float(probs[best])
         sure = confidence >= self.unsure_below
@@ -136,15 +141,30 @@ class Recognizer:
         return [self._answer(d, next(probs) if d is not None else None) for d in digits]
 
     def predict(self, image: ImageSource) -> Prediction:
-        """The digit in one picture (path, bytes, file object, PIL image or numpy array)."""
-        return self.predict_batch([image])[0]
+        """The digit in one picture (path, bytes, file object, PIL image or numpy array).
+
+        Raises ImageError (with an HTTP-like ``status``) when the picture cannot be read.
+        """
+        return self.predict_digits([preprocess(image, self.max_pixels)])[0]
 
     def predict_batch(self, images: Sequence[ImageSource]) -> list[Prediction]:
         """One Prediction per picture, the model run once on all of them.
 
-        Raises ImageError for the first picture that cannot be decoded.
+        A picture that cannot be read gets a Prediction with ``error`` set; the others are
+        answered all the same.
         """
-        return self.predict_digits([preprocess(i, self.max_pixels) for i in images])
+        digits: list[Digit | None] = []
+        errors: dict[int, str] = {}
+        for index, image in enumerate(images):
+            try:
+                digits.append(preprocess(image, self.max_pixels))
+            except ImageError as exc:
+                errors[index] = str(exc)
+                digits.append(None)
+        answers = self.predict_digits(digits)
+        for index, message in errors.items():
+            answers[index] = Prediction(None, 0.0, [], reason="error", error=message)
+        return answers
 
     def read(self, image: ImageSource) -> Reading:
         """The digits in a line of handwriting, left to right."""
