@@ -1,0 +1,110 @@
+"""How well the bundled model reads pictures like users send: the figures in the README.
+
+    python benchmarks/recognition_accuracy.py [--weights NAME|FILE] [--per-style 500]
+
+Pictures are built from MNIST *test* digits by tests/userstyle.py (the same generator the
+tests use, with other seeds): paper photos as JPEG and PNG, canvas exports with transparency,
+light chalk on a dark board; lines of 2 to 6 digits; pairs of touching digits; digits typed in
+fonts; and pictures with no digit at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import userstyle  # noqa: E402
+
+from lenet.data import load_dataset  # noqa: E402
+from lenet.recognize import Recognizer  # noqa: E402
+
+FONTS = {
+    "Pillow's own font": None,
+    "DejaVu Sans": "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "DejaVu Serif": "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
+    "DejaVu Sans Bold": "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+    **{
+        f"Comic Neue {style}": f"/usr/share/fonts/opentype/comic-neue/ComicNeue-{style}.otf"
+        for style in ("Regular", "Italic", "Bold", "BoldItalic", "Light", "LightItalic")
+    },
+}
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", help="bundled model name or .safetensors (default: best)")
+    parser.add_argument("--per-style", type=int, default=500)
+    args = parser.parse_args()
+    data = load_dataset("mnist")
+    images, labels = data.test.images[:, 0].numpy(), data.test.labels.numpy()
+    reader = Recognizer.load(args.weights)
+    print(f"model: {reader.name}; pictures from MNIST test digits, seed 100\n")
+    print("| pictures | correct | unsure | no digit found |\n|---|---|---|---|")
+    for style in sorted(userstyle.STYLES):
+        rng = np.random.default_rng(100)
+        chosen = rng.choice(len(images), args.per_style, replace=False)
+        answers = reader.predict_batch([userstyle.STYLES[style](images[i], rng) for i in chosen])
+        correct = np.mean([a.best_guess == labels[i] for a, i in zip(answers, chosen)])
+        unsure = sum(a.reason == "unsure" for a in answers)
+        missing = sum(a.reason == "no digit found" for a in answers)
+        print(f"| single digit, {style} | {correct:.1%} | {unsure} | {missing} |")
+
+    rng = np.random.default_rng(100)
+    exact = total = 0
+    for _ in range(100):
+        chosen = rng.choice(len(images), int(rng.integers(2, 7)))
+        reading = reader.read(userstyle.number_line([images[i] for i in chosen], rng))
+        exact += reading.text == "".join(str(labels[i]) for i in chosen)
+        total += 1
+    print(f"| numbers of 2-6 digits on paper, read exactly | {exact / total:.1%} | | |")
+    exact = split = 0
+    for _ in range(100):
+        chosen = rng.choice(len(images), 2)
+        reading = reader.read(userstyle.number_line([images[i] for i in chosen], rng, True))
+        split += len(reading.digits) == 2
+        exact += "".join(str(d.best_guess) for d in reading.digits) == "".join(
+            str(labels[i]) for i in chosen
+        )
+    print(f"| pairs of touching digits, read exactly (split in two: {split}%) | {exact}% | | |")
+
+    correct = total = 0
+    for name, path in FONTS.items():
+        if path is not None and not Path(path).is_file():
+            print(f"(font {name} not installed: skipped)")
+            continue
+        for size in (16, 28, 48, 96, 200):
+            font = (
+                ImageFont.load_default(size=size)
+                if path is None
+                else ImageFont.truetype(path, size)
+            )
+            for digit in range(10):
+                page = Image.new("L", (size * 3, size * 2), 255)
+                ImageDraw.Draw(page).text((size * 0.8, size * 0.3), str(digit), font=font, fill=0)
+                correct += reader.predict(png(np.asarray(page))).best_guess == digit
+                total += 1
+    print(f"| typed digits, {len(FONTS)} fonts, 16-200 px | {correct / total:.1%} | | |")
+
+    rng = np.random.default_rng(100)
+    blanks = [np.full((240, 320), v, np.uint8) for v in (0, 90, 200, 255)]
+    blanks += [rng.integers(0, 256, (240, 320), dtype=np.uint8) for _ in range(10)]
+    blanks += [np.tile(np.linspace(40, 230, 320), (240, 1)).astype(np.uint8)]
+    answered = sum(reader.predict(png(b)).digit is not None for b in blanks)
+    print(f"| pictures with no digit answered with a digit | {answered} of {len(blanks)} | | |")
+
+
+if __name__ == "__main__":
+    main()
