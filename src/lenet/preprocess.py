@@ -237,7 +237,7 @@ def find_ink(picture: Picture) -> InkMap | None:
         height, width = grey.shape
     # Polarity: the ink is the tail of the grey values farther from the typical pixel (the
     # background). A border test would be fooled by a dark desk or a scanner's black edge.
-    typical = float(np.median(grey[::2, ::2]))
+    typical = float(np.median(grey[::3, ::3]))
     smooth = ndimage.uniform_filter(grey, size=3)
     dark_ink = typical - float(smooth.min()) > float(smooth.max()) - typical
     x = 1.0 - grey if dark_ink else grey.copy()
@@ -256,17 +256,20 @@ def find_ink(picture: Picture) -> InkMap | None:
         background = np.asarray(
             Image.fromarray(lit, mode="F").resize((width, height), Image.Resampling.BILINEAR)
         )
+        # The strongest ink, averaged over 3x3 so that a single hot pixel does not count: a
+        # thin "1" can cover under 0.1% of a photo, so no percentile of the picture would do.
+        peak = float(ndimage.uniform_filter(np.clip(x - background, 0, 1), size=3).max())
     else:
         # Even lighting: one level, that of the typical pixel (after the polarity flip).
         background = np.float32(1.0 - typical if dark_ink else typical)
+        # The same strongest ink as above, read off the 3x3 means already computed.
+        extreme = 1.0 - float(smooth.min()) if dark_ink else float(smooth.max())
+        peak = min(max(extreme - float(background), 0.0), 1.0)
     x = np.clip(x - background, 0.0, 1.0)
     # Paper grain and sensor noise: the spread of the (mostly background) pixels.
-    sample = x[::2, ::2]  # noise statistics need no more pixels than this
+    sample = x[::3, ::3]  # noise statistics need no more pixels than this
     median = float(np.median(sample))
     sigma = 1.4826 * float(np.median(np.abs(sample - median)))
-    # The strongest ink, averaged over 3x3 so that a single hot pixel does not count: a thin
-    # "1" can cover under 0.1% of a photo, so no percentile of the whole picture would do.
-    peak = float(ndimage.uniform_filter(x, size=3).max())
     floor = median + 5.0 * sigma + 0.05
     if peak < max(floor, 0.15):
         return None
