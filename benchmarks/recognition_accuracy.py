@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -24,17 +24,6 @@ import userstyle  # noqa: E402
 
 from lenet.data import load_dataset  # noqa: E402
 from lenet.recognize import Recognizer  # noqa: E402
-
-FONTS = {
-    "Pillow's own font": None,
-    "DejaVu Sans": "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "DejaVu Serif": "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
-    "DejaVu Sans Bold": "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
-    **{
-        f"Comic Neue {style}": f"/usr/share/fonts/opentype/comic-neue/ComicNeue-{style}.otf"
-        for style in ("Regular", "Italic", "Bold", "BoldItalic", "Light", "LightItalic")
-    },
-}
 
 
 def png(array: np.ndarray) -> bytes:
@@ -81,22 +70,15 @@ def main() -> None:
     print(f"| pairs of touching digits, read exactly (split in two: {split}%) | {exact}% | | |")
 
     correct = total = 0
-    for name, path in FONTS.items():
+    for name, path in userstyle.FONTS.items():
         if path is not None and not Path(path).is_file():
             print(f"(font {name} not installed: skipped)")
             continue
         for size in (16, 28, 48, 96, 200):
-            font = (
-                ImageFont.load_default(size=size)
-                if path is None
-                else ImageFont.truetype(path, size)
-            )
             for digit in range(10):
-                page = Image.new("L", (size * 3, size * 2), 255)
-                ImageDraw.Draw(page).text((size * 0.8, size * 0.3), str(digit), font=font, fill=0)
-                correct += reader.predict(png(np.asarray(page))).best_guess == digit
+                correct += reader.predict(userstyle.typed(digit, size, path)).best_guess == digit
                 total += 1
-    print(f"| typed digits, {len(FONTS)} fonts, 16-200 px | {correct / total:.1%} | | |")
+    print(f"| typed digits, {len(userstyle.FONTS)} fonts, 16-200 px | {correct / total:.1%} | | |")
 
     rng = np.random.default_rng(100)
     blanks = [np.full((240, 320), v, np.uint8) for v in (0, 90, 200, 255)]

@@ -159,37 +159,18 @@ def test_touching_digits_are_separated_where_they_can_be(recognizer, test_digits
     assert counted >= 34 and exact >= 28  # measured: 37 and 31 of 40
 
 
-FONTS = [
-    None,  # Pillow's own font, always there
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
-    "/usr/share/fonts/opentype/comic-neue/ComicNeue-Regular.otf",  # handwriting-like
-    "/usr/share/fonts/opentype/comic-neue/ComicNeue-Italic.otf",
-]
-
-
 def test_typed_digits_in_plain_and_handwriting_like_fonts(recognizer):
     from pathlib import Path
 
-    from PIL import ImageDraw, ImageFont
-
-    fonts = [f for f in FONTS if f is None or Path(f).is_file()]
-    correct = total = 0
-    for path in fonts:
-        for size in (16, 28, 48, 96, 200):
-            font = (
-                ImageFont.load_default(size=size)
-                if path is None
-                else ImageFont.truetype(path, size)
-            )
-            for digit in range(10):
-                page = Image.new("L", (size * 3, size * 2), 255)
-                ImageDraw.Draw(page).text((size * 0.8, size * 0.3), str(digit), font=font, fill=0)
-                buffer = io.BytesIO()
-                page.save(buffer, "PNG")
-                correct += recognizer.predict(buffer.getvalue()).best_guess == digit
-                total += 1
-    assert correct / total >= 0.97, f"{correct}/{total}"
+    fonts = [f for f in userstyle.FONTS.values() if f is None or Path(f).is_file()]
+    answers = [
+        (recognizer.predict(userstyle.typed(digit, size, font)).best_guess, digit)
+        for font in fonts
+        for size in (16, 28, 48, 96, 200)
+        for digit in range(10)
+    ]
+    correct = sum(guess == digit for guess, digit in answers)
+    assert correct / len(answers) >= 0.97, f"{correct}/{len(answers)}"
 
 
 def test_mnist_digits_through_the_recognizer_match_the_model_on_raw_tensors(

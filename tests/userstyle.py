@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def _stroke(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -106,3 +106,29 @@ def number_line(
     return _encode(
         Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8)), "JPEG", quality=88
     )
+
+
+# Pillow's own font is always there; the others come from Debian's fonts-dejavu-core and
+# fonts-comic-neue (handwriting-like) where installed.
+FONTS = {
+    "Pillow's own font": None,
+    "DejaVu Sans": "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "DejaVu Serif": "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
+    "DejaVu Sans Bold": "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+    **{
+        f"Comic Neue {style}": f"/usr/share/fonts/opentype/comic-neue/ComicNeue-{style}.otf"
+        for style in ("Regular", "Italic", "Bold", "BoldItalic", "Light", "LightItalic")
+    },
+}
+
+
+def typed(digit: int, size: int, font_path: str | None) -> bytes:
+    """A digit typed in a font, black on white, ``size`` pixels tall, as PNG."""
+    font = (
+        ImageFont.load_default(size=size)
+        if font_path is None
+        else ImageFont.truetype(font_path, size)
+    )
+    page = Image.new("L", (size * 3, size * 2), 255)
+    ImageDraw.Draw(page).text((size * 0.8, size * 0.3), str(digit), font=font, fill=0)
+    return _encode(page, "PNG")
