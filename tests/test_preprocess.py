@@ -225,3 +225,9 @@ def test_numpy_arrays_of_any_dtype_and_shape(digits):
         preprocess(np.zeros((0, 5), np.uint8))
     with pytest.raises(ImageError, match="text mode"):
         preprocess(io.StringIO("not bytes"))
+
+
+def test_a_blank_page_on_a_dark_desk_is_no_digit():
+    desk = np.full((300, 400), 25, np.uint8)
+    desk[30:270, 40:360] = 230  # the page, blank, with the desk all around it
+    assert preprocess(desk) is None

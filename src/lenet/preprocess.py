@@ -286,13 +286,21 @@ def find_ink(picture: Picture) -> InkMap | None:
     keep = sizes >= max(3.0, 0.02 * sizes.max())  # specks next to the strokes are noise
     # Ink touching the picture's edge is a desk, a frame or a shadow when there is ink
     # elsewhere, or when it covers much of the picture; a tightly cropped digit is alone.
-    edge = np.zeros(count + 1, bool)
-    edge[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
-    edge[0] = False
+    sides = np.zeros(count + 1, int)
+    for side in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        sides[np.unique(side)] += 1
+    sides[0] = 0
+    edge = sides > 0
     inside = keep & ~edge
     if inside.any() and sizes[inside].max() >= 0.2 * sizes[keep].max():
         keep &= ~edge
     keep &= sizes < 0.35 * labels.size
+    # A large region along the sides that encloses most of the picture is a desk around a
+    # page or a frame, not a digit (a tightly cropped 0 encloses far less).
+    for label in np.flatnonzero(keep & (sides >= 3) & (sizes > 0.15 * labels.size)):
+        region = labels == label
+        if ndimage.binary_fill_holes(region).sum() - sizes[label] > 0.45 * labels.size:
+            keep[label] = False
     mask = keep[labels]
     if mask.sum() < 6:
         return None
