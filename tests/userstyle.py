@@ -32,14 +32,22 @@ def _encode(img: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
+def _sheet(
+    ink: np.ndarray, rng: np.random.Generator, margin: int, extra: tuple[int, int]
+) -> np.ndarray:
+    """A sheet of random size around ``ink`` (at least ``margin`` bigger), the ink placed on it."""
+    h = int(rng.integers(ink.shape[0] + margin, ink.shape[0] + extra[0]))
+    w = int(rng.integers(ink.shape[1] + margin, ink.shape[1] + extra[1]))
+    layer = np.zeros((h, w), np.float32)
+    _place(layer, ink, rng)
+    return layer
+
+
 def paper(digit: np.ndarray, rng: np.random.Generator, fmt: str = "JPEG") -> bytes:
     """Dark ink on off-white paper, uneven light, grain, anywhere on a page of random size."""
     size = int(rng.integers(40, 220))
-    ink = _stroke(digit, size, rng)
-    h = int(rng.integers(ink.shape[0] + 4, ink.shape[0] + 300))
-    w = int(rng.integers(ink.shape[1] + 4, ink.shape[1] + 400))
-    layer = np.zeros((h, w), np.float32)
-    _place(layer, ink, rng)
+    layer = _sheet(_stroke(digit, size, rng), rng, 4, (300, 400))
+    h, w = layer.shape
     page = rng.uniform(0.78, 0.97) - np.linspace(0, rng.uniform(0, 0.18), w)[None, :]
     darkness = rng.uniform(0.55, 0.85)
     grey = page - layer * darkness + rng.normal(0, 0.025, (h, w))
@@ -62,11 +70,8 @@ def canvas(digit: np.ndarray, rng: np.random.Generator) -> bytes:
 def board(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """Light chalk on a dark board (MNIST's polarity), any size."""
     size = int(rng.integers(30, 150))
-    ink = _stroke(digit, size, rng)
-    h = int(rng.integers(ink.shape[0] + 2, ink.shape[0] + 200))
-    w = int(rng.integers(ink.shape[1] + 2, ink.shape[1] + 200))
-    layer = np.zeros((h, w), np.float32)
-    _place(layer, ink, rng)
+    layer = _sheet(_stroke(digit, size, rng), rng, 2, (200, 200))
+    h, w = layer.shape
     grey = rng.uniform(0.05, 0.25) + layer * rng.uniform(0.6, 0.9) + rng.normal(0, 0.02, (h, w))
     return _encode(Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8)), "PNG")
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
-from lenet.segment import group_strokes
+from lenet.segment import bounds, group_strokes
 
 # Pillow's names for the formats lenet reads (MPO is how Pillow names many cameras' JPEGs).
 ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF")
@@ -314,12 +314,12 @@ def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Fit the inked region into 20x20 (aspect kept, anti-aliased) and centre its mass in 28x28."""
     # Keep only ink that belongs to the kept strokes, with their faint anti-aliased edges
     # (worked out around the strokes only, not over the whole picture).
-    y0, y1, x0, x1 = _bounds(mask)
+    y0, y1, x0, x1 = bounds(mask)
     top, left = max(y0 - 3, 0), max(x0 - 3, 0)
     mask, ink = mask[top : y1 + 3, left : x1 + 3], ink[top : y1 + 3, left : x1 + 3]
     near = ndimage.binary_dilation(mask, iterations=2)
     kept = np.where(near, ink, 0.0).astype(np.float32)
-    y0, y1, x0, x1 = _bounds(kept > 0)
+    y0, y1, x0, x1 = bounds(kept > 0)
     crop = kept[y0:y1, x0:x1]
     h, w = crop.shape
     factor = 20.0 / max(h, w)
@@ -352,11 +352,5 @@ def preprocess(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dig
 
 def box_of(mask: np.ndarray, scale: float) -> tuple[int, int, int, int]:
     """The bounding box (x0, y0, x1, y1) of ``mask`` in the original picture's pixels."""
-    y0, y1, x0, x1 = _bounds(mask)
+    y0, y1, x0, x1 = bounds(mask)
     return (int(x0 / scale), int(y0 / scale), int(np.ceil(x1 / scale)), int(np.ceil(y1 / scale)))
-
-
-def _bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """Rows y0:y1 and columns x0:x1 (end exclusive) that hold all True pixels of ``mask``."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1

@@ -24,7 +24,8 @@ LINE_ASPECT = 4.0
 MAX_PIECES = 8
 
 
-def _extent(mask: np.ndarray) -> tuple[int, int, int, int]:
+def bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Rows y0:y1 and columns x0:x1 (end exclusive) that hold all True pixels of ``mask``."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
@@ -71,7 +72,7 @@ def _join_small_parts(parts: list[np.ndarray], heights: list[int]) -> list[np.nd
     small = {i for i, h in enumerate(heights) if h < PART_HEIGHT * line_height}
     if len(small) == len(parts):
         return parts
-    extents = [_extent(p) for p in parts]
+    extents = [bounds(p) for p in parts]
 
     def gap(i: int, j: int) -> float:
         (ay0, ay1, ax0, ax1), (by0, by1, bx0, bx1) = extents[i], extents[j]
@@ -86,7 +87,7 @@ def _join_small_parts(parts: list[np.ndarray], heights: list[int]) -> list[np.nd
 
 
 def _split_wide(part: np.ndarray, height: float) -> list[np.ndarray]:
-    _, _, x0, x1 = _extent(part)
+    _, _, x0, x1 = bounds(part)
     width = x1 - x0
     pieces = min(MAX_PIECES, int(round(width / (0.8 * height))))
     if width <= MAX_DIGIT_ASPECT * height or pieces < 2:
@@ -116,7 +117,7 @@ def split_digits(mask: np.ndarray) -> list[np.ndarray]:
     parts = group_strokes(mask)
     if not parts:
         return []
-    height = float(np.median([np.subtract(*_extent(p)[1::-1]) for p in parts]))
+    height = float(np.median([y1 - y0 for y0, y1, _, _ in map(bounds, parts)]))
     out = []
     for part in parts:
         out += _split_wide(part, height)

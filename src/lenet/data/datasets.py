@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from lenet.atomic import write_bytes_atomic
-from lenet.data.idx import decompress_if_gzipped, parse_idx
+from lenet.data.idx import parse_idx
 from lenet.data.sources import (
     FolderSource,
     HttpMirror,
     PipWheelSource,
     Source,
     SourceUnavailable,
-    file_candidates,
+    read_copies,
 )
 from lenet.errors import ConfigError, DataError
 
@@ -202,13 +202,9 @@ def find_verified(folders: Sequence[Path], file: DataFile) -> LocalCopy:
     """The first copy of ``file`` (gzipped or not) in ``folders`` whose content has its MD5."""
     problems = []
     for folder in folders:
-        for path in file_candidates(folder, file.name):
-            if not path.is_file():
-                continue
-            try:
-                data = decompress_if_gzipped(path.read_bytes(), str(path))
-            except (OSError, DataError) as exc:
-                problems.append(f"{path}: {exc}")
+        for path, data, error in read_copies(folder, file.name):
+            if data is None:
+                problems.append(f"{path}: {error}")
                 continue
             digest = md5_hex(data)
             if digest == file.md5:

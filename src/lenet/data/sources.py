@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +62,18 @@ def file_candidates(folder: Path, name: str) -> list[Path]:
     return [folder / n for n in (name, f"{name}.gz", dotted, f"{dotted}.gz")]
 
 
+def read_copies(folder: Path, name: str) -> Iterator[tuple[Path, bytes | None, str]]:
+    """Each copy of ``name`` in ``folder`` as (path, uncompressed bytes, "") or, when it cannot
+    be read or decompressed, (path, None, why)."""
+    for path in file_candidates(folder, name):
+        if not path.is_file():
+            continue
+        try:
+            yield path, decompress_if_gzipped(path.read_bytes(), str(path)), ""
+        except (OSError, DataError) as exc:
+            yield path, None, str(exc)
+
+
 @dataclass(frozen=True)
 class FolderSource:
     """IDX files (gzipped or not) already on disk, e.g. a folder the user names."""
@@ -78,13 +90,10 @@ class FolderSource:
             raise SourceUnavailable("the folder does not exist")
         found: dict[str, bytes] = {}
         for name in names:
-            for path in file_candidates(self.folder, name):
-                if path.is_file():
-                    try:
-                        found[name] = decompress_if_gzipped(path.read_bytes(), str(path))
-                    except (OSError, DataError):
-                        continue  # a damaged copy; a later candidate or source may be good
-                    break
+            # A damaged copy is passed over: a later candidate or source may be good.
+            data = next((data for _, data, _ in read_copies(self.folder, name) if data), None)
+            if data is not None:
+                found[name] = data
         if not found:
             raise SourceUnavailable("none of the files are there")
         return found
