@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned to the CPU build: the package itself only declares a range.
-	$(PY) -m pip install --quiet -c constraints.txt "torch==2.13.0" -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt "torch==2.13.0" -e ".[dev,serve,export,plots]"
 	touch $(STAMP)
 
 setup: $(STAMP)
