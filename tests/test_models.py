@@ -11,6 +11,8 @@ EXPECTED_PARAMETERS = {
     "lenet": 156 + 2416 + 30840 + 10164 + 850,
     # no conv biases, BatchNorm adds a scale and shift per channel
     "lenet-relu": 150 + 12 + 2400 + 32 + 30840 + 10164 + 850,
+    # 784*54+54 + 54*32+32 + 32*10+10
+    "mlp": 42390 + 1760 + 330,
 }
 
 

@@ -87,6 +87,30 @@ class LeNetReLU(nn.Module):
         return self.classifier(self.features(x))
 
 
+class MLP(nn.Module):
+    """A plain multilayer perceptron of LeNet's size (44,480 parameters), for comparison.
+
+    No convolution and no pooling: every pixel has its own weights, so nothing in it is built
+    to recognise a digit moved by a few pixels (benchmarks/shift_tolerance.py measures this).
+    ReLU rather than sigmoid: the stronger of the two for a network without BatchNorm.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.classifier = nn.Sequential(
+            nn.Flatten(),  # (N, 784)
+            # 54 and 32 hidden units bring the parameter count to LeNet's (44,426).
+            nn.Linear(784, 54),  # (N, 54)
+            nn.ReLU(inplace=True),
+            nn.Linear(54, 32),  # (N, 32)
+            nn.ReLU(inplace=True),
+            nn.Linear(32, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A registered model: how to build it and what input it wants."""
@@ -125,6 +149,13 @@ register(
         "lenet-relu",
         LeNetReLU,
         "same shapes with BatchNorm after each convolution and ReLU",
+    )
+)
+register(
+    ModelSpec(
+        "mlp",
+        MLP,
+        "a plain perceptron of LeNet's size for comparison: 784-54-32-10, ReLU, no convolution",
     )
 )
 
