@@ -34,18 +34,38 @@ class TrainingInterrupted(LenetError):
 
 
 class ImageError(LenetError):
-    """An input image that cannot be used; ``status`` is the matching HTTP status code."""
+    """An input image that cannot be used.
+
+    ``status`` is the matching HTTP status code and ``reason`` the label the service counts
+    rejected inputs by.
+    """
 
     status = 422
+    reason = "undecodable"
 
 
 class UnsupportedImageFormat(ImageError):
     """A real image, in a format lenet does not accept."""
 
     status = 415
+    reason = "unsupported_format"
 
 
 class ImageTooLarge(ImageError):
     """An image whose pixel count exceeds the limit (checked before decoding)."""
 
     status = 413
+    reason = "too_many_pixels"
+
+
+class UploadTooLarge(ImageError):
+    """An upload whose body exceeds the service's size limit (checked while reading it)."""
+
+    status = 413
+    reason = "too_large"
+
+
+class BadUpload(ImageError):
+    """A request that carries no picture: empty body, no `image` field, wrong content type."""
+
+    reason = "bad_request"
