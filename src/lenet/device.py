@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from lenet.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used, so that `lenet --help` needs no torch
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """Turn ``auto|cpu|cuda|cuda:N|mps`` into a device that exists on this machine."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -36,6 +40,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def configure_threads(threads: int | None) -> int:
     """Set PyTorch's intra-op thread count (default: every core this process may use)."""
+    import torch
+
     if threads is None:
         try:
             threads = len(os.sched_getaffinity(0))

@@ -11,15 +11,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from typing import TYPE_CHECKING, Any
 
 from lenet.atomic import write_bytes_atomic, write_text_atomic
 from lenet.errors import WeightsError
-from lenet.models import Normalization, create_model, get_model_spec
+
+# torch, safetensors and the models are imported where they are used: finding and reading
+# cards must work in a serving install without torch (the onnxruntime backend).
+if TYPE_CHECKING:
+    import torch
+
+    from lenet.models import Normalization
 
 
 def card_path(weights_path: str | os.PathLike[str]) -> Path:
@@ -31,6 +33,8 @@ def save_weights(
     path: str | os.PathLike[str], model: torch.nn.Module, card: dict[str, Any]
 ) -> Path:
     """Write the model's state as safetensors and its card as JSON, each atomically."""
+    from safetensors.torch import save
+
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_bytes_atomic(path, save(state, metadata={"model": str(card["model"])}))
@@ -49,6 +53,8 @@ class LoadedWeights:
     @property
     def normalization(self) -> Normalization:
         """The input normalisation these weights were trained with."""
+        from lenet.models import Normalization
+
         norm = self.card["normalization"]
         return Normalization(float(norm["mean"]), float(norm["std"]))
 
@@ -124,6 +130,11 @@ def load_weights(
     ``name_or_path`` is a .safetensors file, the name of a bundled model, or None for the most
     accurate bundled model.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lenet.models import create_model, get_model_spec
+
     path = resolve_weights(name_or_path)
     card = read_card(path)
     get_model_spec(card["model"])  # a clear error for a model this version does not know

@@ -12,10 +12,9 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lenet.atomic import write_bytes_atomic
 from lenet.data.idx import parse_idx
@@ -28,6 +27,9 @@ from lenet.data.sources import (
     read_copies,
 )
 from lenet.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # imported where used: the CLI reads DATASETS in a serving install without torch
+    import torch
 
 # The validation split is the same for every run, whatever the training seed, so that
 # validation numbers of different runs are comparable.
@@ -351,6 +353,8 @@ class Dataset:
 
 def validation_indices(n_train: int = 60_000, val_size: int = VAL_SIZE) -> torch.Tensor:
     """The fixed indices of the training images held out for validation."""
+    import torch
+
     generator = torch.Generator().manual_seed(VAL_SPLIT_SEED)
     return torch.randperm(n_train, generator=generator)[:val_size].sort().values
 
@@ -366,6 +370,8 @@ def load_dataset(
     The training file's 60,000 images are split into ``train`` (55,000) and a fixed ``val``
     (5,000, the same for every run); ``test`` is the 10,000-image test file.
     """
+    import torch
+
     spec = get_spec(name)
     folders = local_folders(spec, data_dir)
     copies = {f: find_verified(folders, f) for f in spec.files}
