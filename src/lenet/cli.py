@@ -126,6 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer null (unsure) below this calibrated confidence (default 0.5)",
     )  # fmt: skip
 
+    serve = commands.add_parser(
+        "serve",
+        help="the HTTP API and the drawing page (needs the serve extra)",
+        description="Serve the digit reader over HTTP: POST /v1/predict, POST /v1/read, "
+        "GET /v1/models, /healthz, /readyz, /metrics, the API docs at /docs and a drawing "
+        "page at /.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--weights", help="a bundled model or a weights file (default: the most accurate)"
+    )
+    serve.add_argument(
+        "--workers", type=_positive_int, default=1, help="worker processes (default 1)"
+    )
+    serve.add_argument(
+        "--max-upload", type=_positive_int, default=5 * 1024 * 1024, metavar="BYTES",
+        help="largest accepted request body (default 5 MB)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS",
+        help="answer 503 to a request not answered within this (default 10)",
+    )  # fmt: skip
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+
     evaluate = commands.add_parser("evaluate", help="measure trained weights on a split")
     evaluate.add_argument(
         "weights", help="a .safetensors file with its .json model card, or a bundled model name"
@@ -381,6 +406,55 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    try:
+        import uvicorn
+
+        from lenet.server import ServeSettings, create_app
+        from lenet.server.app import SETTINGS_ENV
+        from lenet.server.metrics import MULTIPROC_ENV
+    except ImportError as exc:
+        raise LenetError(
+            f"lenet serve needs the serve extra ({exc.name} is missing): "
+            "pip install 'lenet[serve]'."
+        ) from None
+    if not 0 <= args.port <= 65535:
+        raise LenetError(f"--port {args.port} is not a port number (0-65535).")
+    if args.timeout <= 0:
+        raise LenetError(f"--timeout must be positive, not {args.timeout}.")
+    from lenet.weights import resolve_weights
+
+    weights = str(resolve_weights(args.weights))  # a wrong name fails here, not in a worker
+    settings = ServeSettings(
+        weights=weights,
+        host=args.host,
+        port=args.port,
+        max_upload_bytes=args.max_upload,
+        timeout_s=args.timeout,
+    )
+    common = {
+        "host": args.host,
+        "port": args.port,
+        "access_log": args.access_log,
+        "log_level": "info" if args.access_log else "warning",
+    }
+    if args.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    # Worker processes build their own app from the settings, and share their metrics
+    # through files so that any worker's /metrics counts all of them.
+    os.environ[SETTINGS_ENV] = settings.to_env()
+    with tempfile.TemporaryDirectory(prefix="lenet-metrics-") as folder:
+        os.environ[MULTIPROC_ENV] = folder
+        uvicorn.run(
+            "lenet.server.app:create_app_from_env", factory=True, workers=args.workers, **common
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `lenet` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -397,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.command == "predict":
             return cmd_predict(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except TrainingInterrupted as exc:
         print(f"lenet: {exc}", file=sys.stderr)
         return 130

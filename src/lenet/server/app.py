@@ -1,0 +1,320 @@
+"""The HTTP service: the API over the Recognizer, the drawing page, health and metrics.
+
+The model is loaded once when the app starts (lifespan) and answers a self-test before
+/readyz says ready. Reading pictures is CPU work, so it runs in a small thread pool off the
+event loop; at most ``max_pending`` requests wait for it, and a request that waits longer than
+``timeout_s`` is answered 503 instead of piling up behind the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.resources
+import io
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lenet import __version__
+from lenet.errors import LenetError
+from lenet.preprocess import DEFAULT_MAX_PIXELS
+from lenet.recognize import Prediction, Recognizer
+from lenet.server import schemas
+from lenet.server.metrics import MetricsMiddleware, ServiceMetrics
+from lenet.server.uploads import read_upload
+
+log = logging.getLogger("lenet.server")
+
+SETTINGS_ENV = "LENET_SERVE_SETTINGS"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `lenet serve` was started with."""
+
+    weights: str | None = None  # a bundled name or a weights file; None: the best bundled
+    backend: str = "torch"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # 5 MB holds a phone photo as JPEG; a canvas drawing is a few kB.
+    max_upload_bytes: int = 5 * 1024 * 1024
+    # Checked from the header before decoding, so a tiny file claiming a huge size costs nothing.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Two threads keep both cores busy: decoding and NumPy release the GIL for most of the work.
+    threads: int = 2
+    # Requests waiting for a thread beyond this are refused at once (503) rather than queued.
+    max_pending: int = 128
+    # A request not answered within this is answered 503: the client can retry elsewhere.
+    timeout_s: float = 10.0
+
+    def to_env(self) -> str:
+        """The settings as JSON, for worker processes started by uvicorn."""
+        import json
+
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> ServeSettings:
+        """The settings a parent process put into LENET_SERVE_SETTINGS."""
+        import json
+
+        return cls(**json.loads(os.environ[SETTINGS_ENV]))
+
+
+class Busy(LenetError):
+    """The service has more work waiting than it can answer in time."""
+
+    status = 503
+    reason = "busy"
+
+
+def _png_data_url(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status, headers=headers)
+
+
+def _self_test_picture() -> np.ndarray:
+    """A white vertical bar on black: a '1' any digit model reads with ease."""
+    picture = np.zeros((28, 28), np.uint8)
+    picture[5:23, 13:16] = 255
+    return picture
+
+
+class Service:
+    """What the routes share: the recognizer, the thread pool, the limits, the metrics."""
+
+    def __init__(self, settings: ServeSettings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.recognizer: Recognizer | None = None
+        self.ready_error: str | None = "starting"
+        self.pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="lenet-infer")
+        self.pending = 0
+        self.lock = threading.Lock()
+
+    def load(self) -> None:
+        """Load the model and check that it answers (the self-test /readyz reports)."""
+        recognizer = Recognizer.load(self.settings.weights)
+        recognizer.max_pixels = self.settings.max_pixels
+        answer = recognizer.predict(_self_test_picture())
+        blank = recognizer.predict(np.zeros((28, 28), np.uint8))
+        total = sum(answer.probabilities)
+        if answer.best_guess is None or abs(total - 1.0) > 1e-3 or blank.best_guess is not None:
+            self.ready_error = (
+                f"self-test failed: a drawn 1 gave {answer.to_dict()}, a blank gave "
+                f"{blank.to_dict()}"
+            )
+            log.error("lenet serve: %s", self.ready_error)
+        else:
+            self.ready_error = None
+        self.recognizer = recognizer
+
+    async def run(self, work: Callable[[Recognizer], Any]) -> Any:
+        """Run ``work`` in the pool, within the pending limit and the time limit."""
+        recognizer = self.recognizer
+        if recognizer is None:
+            raise Busy("The model is still loading; retry in a moment.")
+        with self.lock:
+            if self.pending >= self.settings.max_pending:
+                raise Busy(f"{self.pending} requests are already waiting; retry in a moment.")
+            self.pending += 1
+        deadline = time.monotonic() + self.settings.timeout_s
+
+        def job() -> Any:
+            try:
+                # Work whose client has already been answered 503 is skipped, not done late.
+                if time.monotonic() > deadline:
+                    return None
+                return work(recognizer)
+            finally:
+                with self.lock:
+                    self.pending -= 1
+
+        future = asyncio.wrap_future(self.pool.submit(job))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise Busy(
+                f"The answer took longer than {self.settings.timeout_s:g} s; retry later."
+            ) from None
+
+
+def _prediction_json(prediction: Prediction, include_input: bool) -> dict[str, Any]:
+    out = prediction.to_dict()
+    if include_input and prediction.image is not None:
+        out["input"] = _png_data_url(prediction.image)
+    return out
+
+
+def _static_dir() -> str:
+    return str(importlib.resources.files("lenet") / "server" / "static")
+
+
+def create_app(settings: ServeSettings | None = None) -> FastAPI:
+    """The service as an ASGI app (uvicorn, or any ASGI server or test client)."""
+    settings = settings or ServeSettings()
+    metrics = ServiceMetrics()
+    service = Service(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.get_running_loop().run_in_executor(service.pool, service.load)
+        if service.ready_error is None and service.recognizer is not None:
+            url = f"http://{settings.host}:{settings.port}/"
+            print(
+                f"lenet serve: model {service.recognizer.name} ready; drawing page at {url} "
+                f"(API docs at {url}docs)",
+                flush=True,
+            )
+        try:
+            yield
+        finally:
+            service.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="lenet",
+        version=__version__,
+        description="Read handwritten digits in pictures with LeNet. Send a picture as a "
+        "multipart form field `image` or as a raw body with an image content type.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.exception_handler(LenetError)
+    async def lenet_error(request: Request, exc: LenetError) -> JSONResponse:
+        status = getattr(exc, "status", 400)
+        reason = getattr(exc, "reason", None)
+        if reason is not None:
+            metrics.rejected.labels(reason=reason).inc()
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return _error(status, str(exc), headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"No such page: {request.url.path}. The API is described at /docs."
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; see /docs."
+        return _error(exc.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return _error(422, f"Invalid request: {problems}. See /docs.")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("lenet serve: unexpected error on %s", request.url.path)
+        return _error(500, f"Internal error ({type(exc).__name__}); it has been logged.")
+
+    def answer_one(data: bytes, include_input: bool) -> Callable[[Recognizer], dict[str, Any]]:
+        def work(recognizer: Recognizer) -> dict[str, Any]:
+            prediction = recognizer.predict(data)
+            metrics.count_answer(prediction.digit, prediction.reason)
+            return _prediction_json(prediction, include_input)
+
+        return work
+
+    def answer_line(data: bytes, include_input: bool) -> Callable[[Recognizer], dict[str, Any]]:
+        def work(recognizer: Recognizer) -> dict[str, Any]:
+            reading = recognizer.read(data)
+            out = reading.to_dict()
+            for item, prediction in zip(out["digits"], reading.digits):
+                metrics.count_answer(prediction.digit, prediction.reason)
+                if include_input and prediction.image is not None:
+                    item["input"] = _png_data_url(prediction.image)
+            return out
+
+        return work
+
+    async def answer(request: Request, make: Callable[..., Any], include_input: bool) -> Any:
+        data = await read_upload(request, settings.max_upload_bytes)
+        result = await service.run(make(data, include_input))
+        if result is None:  # skipped after its deadline: already too late
+            raise Busy(f"The answer took longer than {settings.timeout_s:g} s; retry later.")
+        return JSONResponse(result)
+
+    @app.post(
+        "/v1/predict",
+        summary="The digit in one picture",
+        description="The same JSON as `lenet predict --json` (without `file`). With "
+        "`include_input=true`, also the 28x28 picture the model saw, as a PNG data URL.",
+        response_model=schemas.PredictionOut,
+        responses=schemas.ERROR_RESPONSES,
+        openapi_extra=schemas.UPLOAD_BODY,
+    )
+    async def predict(request: Request, include_input: bool = False) -> Any:
+        return await answer(request, answer_one, include_input)
+
+    @app.post(
+        "/v1/read",
+        summary="The digits in a line of handwriting, left to right",
+        description="The same JSON as `lenet predict --multi --json` (without `file`).",
+        response_model=schemas.ReadingOut,
+        responses=schemas.ERROR_RESPONSES,
+        openapi_extra=schemas.UPLOAD_BODY,
+    )
+    async def read(request: Request, include_input: bool = False) -> Any:
+        return await answer(request, answer_line, include_input)
+
+    @app.get("/v1/models", summary="The bundled models and their model cards")
+    def models() -> schemas.ModelsOut:
+        from lenet.weights import bundled_weights, read_card
+
+        loaded = service.recognizer.name if service.recognizer else None
+        listed = [
+            schemas.ModelOut(name=name, card=read_card(path))
+            for name, path in bundled_weights().items()
+        ]
+        return schemas.ModelsOut(loaded=loaded, backend=settings.backend, models=listed)
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="The model is loaded and passed its self-test")
+    async def readyz() -> JSONResponse:
+        if service.ready_error is not None or service.recognizer is None:
+            return _error(503, f"Not ready: {service.ready_error}.")
+        return JSONResponse({"status": "ready", "model": service.recognizer.name})
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    async def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(os.path.join(_static_dir(), "index.html"))
+
+    app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app factory uvicorn's worker processes call (`lenet serve --workers N`)."""
+    return create_app(ServeSettings.from_env())

@@ -1,0 +1,109 @@
+"""The service's Prometheus metrics: requests, latency, predictions and rejected inputs.
+
+Each app gets its own registry, so several apps (tests) can live in one process. With
+several worker processes (`lenet serve --workers N`), PROMETHEUS_MULTIPROC_DIR is set before
+the workers start and a scrape sums every worker's files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Milliseconds matter here: a digit is answered in a few ms, a slow one in tens.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class ServiceMetrics:
+    """The counters and histograms of one app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lenet_http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lenet_http_request_duration_seconds",
+            "Time from the request's arrival to the end of the answer.",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "lenet_predictions",
+            "Digits answered: 0-9, 'unsure' (below the confidence threshold) or 'none'.",
+            ["digit"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "lenet_rejected_inputs",
+            "Uploads refused, by reason (too_large, too_many_pixels, unsupported_format, "
+            "undecodable, bad_request, busy).",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def count_answer(self, digit: int | None, reason: str | None) -> None:
+        """Count one answered digit."""
+        label = str(digit) if digit is not None else ("none" if reason != "unsure" else "unsure")
+        self.predictions.labels(digit=label).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text a Prometheus scrape gets, and its content type."""
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by its route template (not its raw path, so that
+    random URLs cannot blow up the number of series)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client sees if the app fails before answering
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            labels = {"route": template, "method": scope["method"], "status": str(status)}
+            self.metrics.requests.labels(**labels).inc()
+            self.metrics.latency.labels(**labels).observe(time.perf_counter() - start)
