@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--force", action="store_true", help="overwrite the run in --out")
     train.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    train.add_argument(
+        "--plots", action="store_true",
+        help="draw the learning curves into the run folder at the end (needs the plots extra)",
+    )  # fmt: skip
     _add_data_dir(train)
 
     predict = commands.add_parser(
@@ -159,7 +163,44 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("test", "val", "train"))
     evaluate.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.add_argument(
+        "--plots", metavar="DIR", help="also draw the confusion matrix, accuracy per class, "
+        "worst errors and reliability diagram into DIR (needs the plots extra)",
+    )  # fmt: skip
     _add_data_dir(evaluate)
+
+    report = commands.add_parser(
+        "report",
+        help="figures and one self-contained HTML page about a run or weights",
+        description="Evaluate a run (or weights) and write PNG figures and report.html: learning "
+        "curves, confusion matrix, accuracy per class, worst errors, calibration, model card.",
+    )
+    report.add_argument(
+        "source", metavar="RUN_DIR_OR_WEIGHTS",
+        help="a run folder, a .safetensors file, or a bundled model name",
+    )  # fmt: skip
+    report.add_argument(
+        "--out", help="folder for the report (default: RUN_DIR/report, else ./report-NAME)"
+    )
+    report.add_argument("--split", default="test", choices=("test", "val", "train"))
+    report.add_argument("--dataset", choices=DATASET_NAMES, help="default: the card's")
+    report.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    _add_data_dir(report)
+
+    explain = commands.add_parser(
+        "explain",
+        help="what the network sees in one image: filters, feature maps, saliency",
+        description="Draw, for one image, the 28x28 the model sees, the first-layer filters, "
+        "the maps after each convolution and pooling, and a saliency map.",
+    )
+    explain.add_argument("image", metavar="IMAGE", help="a picture of one digit")
+    explain.add_argument(
+        "--weights", help="a bundled model or a .safetensors file (default: the most accurate)"
+    )
+    explain.add_argument("--out", metavar="FILE.png", help="default: explain-<image name>.png")
+    explain.add_argument(
+        "--json", action="store_true", help="print the numbers (maps as base64 PNGs) as JSON"
+    )
     return parser
 
 
@@ -242,7 +283,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-_RUNTIME_OPTIONS = ("device", "threads", "data_dir", "out", "resume", "force", "json")
+_RUNTIME_OPTIONS = ("device", "threads", "data_dir", "out", "resume", "force", "json", "plots")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -286,9 +327,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.resume and args.force:
         raise LenetError("--resume and --force contradict each other: choose one.")
+    if args.plots:
+        from lenet import plots
+
+        plots.require_matplotlib()  # now, not after the training it would draw
     result = train(config, resume=args.resume, force=args.force)
+    curves = None
+    if args.plots:
+        from lenet.report import CURVES_NAME
+
+        title = f"Learning curves: {result.config.model}, {result.run_dir.name}"
+        curves = plots.learning_curves(result.history, result.run_dir / CURVES_NAME, title)
     if args.json:
-        print(json.dumps(result.summary()))
+        summary = result.summary()
+        if curves is not None:
+            summary["learning_curves"] = str(curves)
+        print(json.dumps(summary))
     else:
         print(
             f"{result.config.model} on {result.config.dataset}: test accuracy "
@@ -298,15 +352,30 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"weights: {result.weights} (model card beside it)\n"
             f"evaluate again with: lenet evaluate {shlex.quote(str(result.weights))}"
         )
+        if curves is not None:
+            print(f"learning curves: {curves}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lenet.evaluation import evaluate
 
-    result = evaluate(args.weights, args.dataset, args.split, args.data_dir, args.device)
+    figures: dict[str, object] = {}
+    if args.plots:
+        from lenet import plots
+        from lenet.report import evaluate_split, evaluation_figures
+
+        plots.require_matplotlib()
+        evaluation = evaluate_split(
+            args.weights, args.dataset, args.split, args.data_dir, args.device
+        )
+        result = evaluation.result
+        figures = {k: str(v) for k, v in evaluation_figures(evaluation, args.plots).items()}
+    else:
+        result = evaluate(args.weights, args.dataset, args.split, args.data_dir, args.device)
     if args.json:
-        print(json.dumps({"weights": args.weights, **result.to_dict()}))
+        extra = {"figures": figures} if figures else {}
+        print(json.dumps({"weights": args.weights, **result.to_dict(), **extra}))
         return 0
     print(
         f"{result.model} on {result.dataset} {result.split}: accuracy {result.accuracy:.2%} "
@@ -320,6 +389,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print("     " + "".join(f"{j:>6}" for j in range(len(result.classes))))
     for i, row in enumerate(result.confusion.tolist()):
         print(f"{i:>4} " + "".join(f"{v:>6}" for v in row))
+    if figures:
+        print("\nfigures:\n" + "\n".join(f"  {path}" for path in figures.values()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lenet.report import build_report
+
+    report = build_report(
+        args.source, args.out, split=args.split, dataset=args.dataset,
+        data_dir=args.data_dir, device=args.device,
+    )  # fmt: skip
+    r = report.evaluation.result
+    print(f"{r.model} on {r.dataset} {r.split}: accuracy {r.accuracy:.2%} on {r.count:,} images")
+    if report.source.history is None:
+        print(f"no learning curves: {report.source.why_no_curves}")
+    for path in report.figures.values():
+        print(f"figure: {path}")
+    print(f"report: {report.html} (self-contained: open it in any browser, offline)")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lenet import plots
+    from lenet.explain import explain
+
+    if not args.json:
+        plots.require_matplotlib()
+    explained = explain(args.image, args.weights)
+    if args.json:
+        print(json.dumps({"file": args.image, **explained.to_dict()}))
+        if args.out is None:
+            return 0
+    out = Path(args.out) if args.out else Path(f"explain-{Path(args.image).stem}.png")
+    plots.explanation(explained, out)
+    if not args.json:
+        print(
+            f"{args.image}: {explained.digit} ({explained.confidence:.1%} calibrated "
+            f"confidence, model {explained.model})\nexplanation: {out}"
+        )
     return 0
 
 
@@ -471,6 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.command == "predict":
             return cmd_predict(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "explain":
+            return cmd_explain(args)
         if args.command == "serve":
             return cmd_serve(args)
     except TrainingInterrupted as exc:
