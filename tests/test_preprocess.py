@@ -1,11 +1,10 @@
 """Preprocessing: any picture of a digit becomes an MNIST-style 28x28, the same way."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
+import userstyle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -142,22 +141,6 @@ def test_animated_gif_uses_the_first_frame(digits):
     assert similar(preprocess(buffer.getvalue()).image, preprocess(encode(first)).image, 4)
 
 
-def png_claiming(width, height):
-    """A tiny PNG whose header claims huge dimensions (an image bomb)."""
-
-    def chunk(kind, data):
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def test_bad_files_give_clear_errors(tmp_path):
     png = encode(Image.new("L", (50, 50), 255))
     jpeg = encode(Image.new("RGB", (50, 50), "white"), "JPEG")
@@ -168,8 +151,8 @@ def test_bad_files_give_clear_errors(tmp_path):
         (png[: len(png) // 2], ImageError, "damaged or truncated"),
         (jpeg[:200], ImageError, "damaged or truncated"),
         (text, ImageError, "not an image"),
-        (png_claiming(100_000, 100_000), ImageTooLarge, "over the limit"),
-        (png_claiming(8_000, 8_000), ImageTooLarge, "64,000,000 pixels, over the limit"),
+        (userstyle.png_claiming(100_000, 100_000), ImageTooLarge, "over the limit"),
+        (userstyle.png_claiming(8_000, 8_000), ImageTooLarge, "64,000,000 pixels, over the limit"),
         (encode(Image.new("L", (20, 20)), "PPM"), UnsupportedImageFormat, "PPM images"),
         (tmp_path / "missing.png", ImageError, "no such file"),
     ]

@@ -7,6 +7,8 @@ transparent background, or light ink on a dark board, at many sizes and position
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -137,3 +139,19 @@ def typed(digit: int, size: int, font_path: str | None) -> bytes:
     page = Image.new("L", (size * 3, size * 2), 255)
     ImageDraw.Draw(page).text((size * 0.8, size * 0.3), str(digit), font=font, fill=0)
     return _encode(page, "PNG")
+
+
+def png_claiming(width, height):
+    """A tiny PNG whose header claims huge dimensions (an image bomb)."""
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )

@@ -1,0 +1,303 @@
+"""The HTTP service through an HTTP client: answers, every kind of bad upload, limits, metrics."""
+
+import asyncio
+import io
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+import userstyle
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from lenet.recognize import Recognizer
+from lenet.server import ServeSettings, create_app
+from lenet.server.app import Busy
+
+LIMIT = 2_000_000  # below the default 5 MB, so that the 413 test sends less
+
+
+@pytest.fixture(scope="module")
+def test_digits(mnist):
+    return mnist.test.images[:, 0].numpy(), mnist.test.labels.numpy()
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(create_app(ServeSettings(max_upload_bytes=LIMIT))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def recognizer():
+    return Recognizer.load()
+
+
+def metric(client, name, **labels):
+    """The value of one series in /metrics (0 when it has not been counted yet)."""
+    text = client.get("/metrics").text
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and ",".join(sorted(match.group(1).split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def png(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_health_readiness_models_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "alive"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    models = client.get("/v1/models").json()
+    assert {m["name"] for m in models["models"]} >= {"lenet", "lenet-relu"}
+    assert models["loaded"] == ready.json()["model"]
+    assert all(m["card"]["parameters"] > 0 for m in models["models"])
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/png"} <= set(body)
+    assert {"PredictionOut", "ReadingOut", "ErrorOut"} <= set(spec["components"]["schemas"])
+
+
+def test_every_kind_of_picture_gets_the_cli_answer(client, recognizer, test_digits):
+    images, labels = test_digits
+    rng = np.random.default_rng(11)
+    kinds = {
+        "paper-jpeg": lambda d: userstyle.paper(d, rng),
+        "paper-png": lambda d: userstyle.paper(d, rng, "PNG"),
+        "canvas": lambda d: userstyle.canvas(d, rng),
+        "board": lambda d: userstyle.board(d, rng),
+    }
+    for k, (kind, make) in enumerate(kinds.items()):
+        for i in range(3):
+            index = 10 * k + i
+            data = make(images[index])
+            as_form = client.post("/v1/predict", files={"image": ("d.img", data)})
+            raw = client.post(
+                "/v1/predict", content=data, headers={"Content-Type": "application/octet-stream"}
+            )
+            assert as_form.status_code == raw.status_code == 200, (kind, as_form.text)
+            # The same JSON as `lenet predict --json`, without "file".
+            assert as_form.json() == raw.json() == recognizer.predict(data).to_dict()
+            assert as_form.json()["digit"] == labels[index], kind
+
+
+def test_read_a_number_and_the_input_the_model_saw(client, test_digits):
+    images, labels = test_digits
+    rng = np.random.default_rng(12)
+    picks = [3, 5, 8, 13]
+    data = userstyle.number_line([images[i] for i in picks], rng)
+    answer = client.post(
+        "/v1/read?include_input=true", content=data, headers={"Content-Type": "image/jpeg"}
+    ).json()
+    assert answer["text"] == "".join(str(labels[i]) for i in picks)
+    assert [len(d["box"]) for d in answer["digits"]] == [4] * 4
+    seen = Image.open(io.BytesIO(_data_url_bytes(answer["digits"][0]["input"])))
+    assert seen.size == (28, 28)
+    one = client.post("/v1/predict?include_input=true", files={"image": png(images[0])}).json()
+    seen = np.asarray(Image.open(io.BytesIO(_data_url_bytes(one["input"]))))
+    assert seen.shape == (28, 28) and seen.max() > 200
+
+
+def _data_url_bytes(url):
+    import base64
+
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    return base64.b64decode(url[len(prefix) :])
+
+
+def test_a_blank_canvas_is_no_digit(client):
+    blank = np.zeros((280, 280, 4), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(blank, "RGBA").save(buffer, "PNG")
+    answer = client.post("/v1/predict", files={"image": buffer.getvalue()}).json()
+    assert answer["digit"] is None and answer["reason"] == "no digit found"
+    assert client.post("/v1/read", files={"image": buffer.getvalue()}).json() == {
+        "text": None,
+        "digits": [],
+    }
+
+
+def _chunks(data, size=8192):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+BAD = {
+    # name: (request keyword arguments, status, reason counted, words in the message)
+    "body over the limit": (
+        {"content": b"\x89PNG" + b"\0" * LIMIT, "headers": {"Content-Type": "image/png"}},
+        413,
+        "too_large",
+        "limit of 2,000,000 bytes",
+    ),
+    "streamed body over the limit (no length)": (
+        {"content": _chunks(b"\0" * (LIMIT + 10)), "headers": {"Content-Type": "image/png"}},
+        413,
+        "too_large",
+        "limit",
+    ),
+    "image bomb": (
+        {"files": {"image": userstyle.png_claiming(100_000, 100_000)}},
+        413,
+        "too_many_pixels",
+        "over the limit",
+    ),
+    "format outside the allow-list": (
+        {"files": {"image": ("d.ppm", b"P5\n2 2\n255\n\0\0\0\0")}},
+        415,
+        "unsupported_format",
+        "PPM",
+    ),
+    "text content type": (
+        {"content": b"hello", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "unsupported_format",
+        "cannot carry a picture",
+    ),
+    "empty body": (
+        {"content": b"", "headers": {"Content-Type": "image/png"}},
+        422,
+        "bad_request",
+        "empty",
+    ),
+    "truncated png": ({"files": {"image": "TRUNCATED"}}, 422, "undecodable", "truncated"),
+    "text named png": (
+        {"files": {"image": ("d.png", b"not a picture at all")}},
+        422,
+        "undecodable",
+        "not an image",
+    ),
+    "form without the image field": (
+        {"files": {"picture": b"x"}},
+        422,
+        "bad_request",
+        "no field 'image'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_uploads_get_a_clear_json_error_and_are_counted(client, test_digits, case):
+    kwargs, status, reason, words = BAD[case]
+    if kwargs.get("files", {}).get("image") == "TRUNCATED":
+        kwargs = {"files": {"image": ("d.png", png(test_digits[0][0])[:120])}}
+    before = metric(client, "lenet_rejected_inputs_total", reason=reason)
+    before_requests = metric(
+        client, "lenet_http_requests_total", route="/v1/predict", method="POST", status=status
+    )
+    answer = client.post("/v1/predict", **kwargs)
+    assert answer.status_code == status, answer.text
+    body = answer.json()
+    assert body["status"] == status and words in body["error"], body
+    assert metric(client, "lenet_rejected_inputs_total", reason=reason) == before + 1
+    after_requests = metric(
+        client, "lenet_http_requests_total", route="/v1/predict", method="POST", status=status
+    )
+    assert after_requests == before_requests + 1
+    # The service is still fine for the next one.
+    good = client.post("/v1/predict", files={"image": png(test_digits[0][1])})
+    assert good.status_code == 200 and good.json()["digit"] == test_digits[1][1]
+
+
+def test_predictions_and_latency_are_counted(client, test_digits):
+    images, labels = test_digits
+    digit = int(labels[2])
+    before = metric(client, "lenet_predictions_total", digit=digit)
+    client.post("/v1/predict", files={"image": png(images[2])})
+    assert metric(client, "lenet_predictions_total", digit=digit) == before + 1
+    count = metric(
+        client,
+        "lenet_http_request_duration_seconds_count",
+        route="/v1/predict",
+        method="POST",
+        status=200,
+    )
+    assert count >= 1
+    # Unknown paths are counted under one label, not one series per path.
+    client.get("/no/such/page")
+    assert "/no/such/page" not in client.get("/metrics").text
+    assert client.get("/no/such/page").json()["status"] == 404
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=600), cut=st.integers(0, 2000), flip=st.integers(0, 2000))
+def test_no_upload_ever_gives_a_server_error(client, data, cut, flip):
+    # Random bytes, and real PNGs and JPEGs cut short or with a byte changed.
+    picture = np.zeros((40, 40), np.uint8)
+    picture[10:30, 18:22] = 255
+    for sample in (data, png(picture)[:cut], _flipped(png(picture), flip), _jpeg(picture, flip)):
+        answer = client.post("/v1/predict", content=sample, headers={"Content-Type": "image/png"})
+        assert answer.status_code in (200, 413, 415, 422), answer.text
+        assert "error" in answer.json() or "digit" in answer.json()
+
+
+def _flipped(data, at):
+    if not data:
+        return data
+    at %= len(data)
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+def _jpeg(picture, at):
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, "JPEG")
+    return _flipped(buffer.getvalue(), at)
+
+
+def test_a_slow_answer_is_503_and_the_service_recovers(test_digits):
+    app = create_app(ServeSettings(timeout_s=0.3))
+    with TestClient(app) as c:
+        recognizer = app.state.service.recognizer
+        original = recognizer.predict
+
+        def slow(image):
+            time.sleep(1.0)
+            return original(image)
+
+        recognizer.predict = slow
+        answer = c.post("/v1/predict", files={"image": png(test_digits[0][0])})
+        assert answer.status_code == 503 and "retry" in answer.json()["error"]
+        assert answer.headers["Retry-After"] == "1"
+        assert metric(c, "lenet_rejected_inputs_total", reason="busy") == 1
+        recognizer.predict = original
+        time.sleep(1.0)  # the slow one finishes in its thread
+        good = c.post("/v1/predict", files={"image": png(test_digits[0][0])})
+        assert good.status_code == 200
+
+
+def test_waiting_work_is_bounded():
+    """Beyond max_pending waiting requests, the next is refused at once instead of queued."""
+    app = create_app(ServeSettings(threads=1, max_pending=2, timeout_s=5))
+    service = app.state.service
+    release = threading.Event()
+
+    class Stub:
+        name = "stub"
+
+    service.recognizer = Stub()
+
+    async def scenario():
+        blocked = [asyncio.ensure_future(service.run(lambda r: release.wait(5))) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(Busy, match="2 requests are already waiting"):
+            await service.run(lambda r: "too many")
+        release.set()
+        assert await asyncio.gather(*blocked) == [True, True]
+        assert await service.run(lambda r: "served") == "served"
+
+    asyncio.run(scenario())
+    service.pool.shutdown()
