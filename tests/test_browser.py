@@ -1,0 +1,181 @@
+"""The drawing page in a real headless Chromium, against a real `lenet serve` process.
+
+Digits are drawn on the canvas with pointer events (mouse, pen and touch), and with the
+keyboard; the page must show the right answer. Needs Debian's chromium and chromium-driver
+(installed by .ci/run); skipped with a reason where they are missing.
+"""
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+selenium = pytest.importorskip("selenium")
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.common.actions import interaction  # noqa: E402
+from selenium.webdriver.common.actions.action_builder import ActionBuilder  # noqa: E402
+from selenium.webdriver.common.actions.pointer_input import PointerInput  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium-driver)",
+)
+
+
+# Strokes of prepared digits, in the page's 280x280 canvas pixels.
+def _ellipse(cx, cy, rx, ry, n=28):
+    return [
+        (cx + rx * math.sin(2 * math.pi * k / n), cy - ry * math.cos(2 * math.pi * k / n))
+        for k in range(n + 1)
+    ]
+
+
+DIGITS = {
+    0: [_ellipse(140, 140, 55, 85)],
+    1: [[(140, 50), (140, 140), (140, 230)]],
+    4: [[(110, 50), (90, 165), (205, 165)], [(175, 70), (175, 235)]],
+    7: [[(80, 60), (200, 60), (160, 140), (125, 230)]],
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenet", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail(f"lenet serve exited: {process.stdout.read()}")
+                time.sleep(0.1)
+        else:
+            pytest.fail("lenet serve did not become ready in 30 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,900"):
+        options.add_argument(flag)
+    if os.environ.get("CI_CHROMIUM_FLAGS"):
+        options.add_argument(os.environ["CI_CHROMIUM_FLAGS"])
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(DRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def draw(driver, strokes, kind=interaction.POINTER_MOUSE):
+    """Trace strokes (canvas pixels) on the canvas with pointer events of the given kind."""
+    pad = driver.find_element(By.ID, "pad")
+    width, height = int(pad.get_attribute("width")), int(pad.get_attribute("height"))
+    sx, sy = pad.size["width"] / width, pad.size["height"] / height
+    pointer = PointerInput(kind, kind)
+    actions = ActionBuilder(driver, mouse=pointer, duration=10)
+    for stroke in strokes:
+        # Offsets are from the element's centre, in CSS pixels.
+        points = [((x - width / 2) * sx, (y - height / 2) * sy) for x, y in stroke]
+        actions.pointer_action.move_to(pad, int(points[0][0]), int(points[0][1]))
+        actions.pointer_action.pointer_down()
+        for x, y in _densify(points):
+            actions.pointer_action.move_to(pad, int(x), int(y))
+        actions.pointer_action.pointer_up()
+    actions.perform()
+
+
+def _densify(points, step=8):
+    out = []
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        n = max(1, int(math.hypot(x1 - x0, y1 - y0) / step))
+        out += [(x0 + (x1 - x0) * k / n, y0 + (y1 - y0) * k / n) for k in range(1, n + 1)]
+    return out
+
+
+def shown(driver, element_id, text, timeout=15):
+    """Wait until the element shows ``text``; return True, or fail with what it shows."""
+    wait = WebDriverWait(driver, timeout)
+    try:
+        wait.until(lambda d: d.find_element(By.ID, element_id).text.strip() == text)
+    except Exception:
+        got = driver.find_element(By.ID, element_id).text
+        status = driver.find_element(By.ID, "status").text
+        pytest.fail(f"#{element_id} shows {got!r}, expected {text!r} (status: {status!r})")
+    return True
+
+
+def test_drawn_digits_are_read_with_mouse_pen_and_touch(server, browser):
+    browser.get(server + "/")
+    assert "lenet" in browser.title
+    kinds = [interaction.POINTER_MOUSE, interaction.POINTER_PEN, interaction.POINTER_TOUCH]
+    for k, (digit, strokes) in enumerate(DIGITS.items()):
+        browser.find_element(By.ID, "clear").click()
+        shown(browser, "digit", "–")
+        draw(browser, strokes, kinds[k % len(kinds)])
+        shown(browser, "digit", str(digit))
+        # The bars, the confidence and the 28x28 input the model saw are shown too.
+        best = browser.find_element(By.CSS_SELECTOR, "#bars li.best")
+        assert best.text.split()[0] == str(digit)
+        assert "sure" in browser.find_element(By.ID, "confidence").text
+        seen = browser.find_element(By.ID, "model-input")
+        assert seen.is_displayed() and seen.get_attribute("src").startswith("data:image/png")
+
+
+def test_undo_clear_and_the_keyboard(server, browser):
+    browser.get(server + "/")
+    draw(browser, DIGITS[7])
+    shown(browser, "digit", "7")
+    draw(browser, [[(60, 240), (220, 240)]])  # a stray stroke, then undone
+    browser.find_element(By.ID, "undo").click()
+    shown(browser, "digit", "7")
+    browser.find_element(By.ID, "clear").click()
+    shown(browser, "digit", "–")
+    # A 1 drawn with the keyboard alone: pen down, eighteen steps down, pen up.
+    pad = browser.find_element(By.ID, "pad")
+    pad.send_keys(Keys.ARROW_UP * 9, Keys.SPACE, Keys.ARROW_DOWN * 18, Keys.SPACE)
+    shown(browser, "digit", "1")
+    pad.send_keys(Keys.DELETE)
+    shown(browser, "digit", "–")
+
+
+def test_several_digits_in_a_row(server, browser):
+    browser.get(server + "/")
+    browser.find_element(By.ID, "multi").click()
+    pad = browser.find_element(By.ID, "pad")
+    assert pad.get_attribute("width") == "840"
+    # The wide canvas is 840x280 pixels: 7, 1 and 4 side by side.
+    strokes = [
+        [(x + 280 * slot, y) for x, y in stroke]
+        for slot, digit in enumerate((7, 1, 4))
+        for stroke in DIGITS[digit]
+    ]
+    draw(browser, strokes)
+    shown(browser, "text", "714")
