@@ -115,8 +115,7 @@ def confusion_matrix(
     fig = _figure("confusion_matrix")
     ax = fig.subplots()
     shown = np.ma.masked_equal(counts, 0)
-    cmap = _colormap("Blues").copy()
-    cmap.set_bad("white")  # zero: nothing to colour
+    cmap = _colormap("Blues").with_extremes(bad="white")  # zero: nothing to colour
     image = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=1, vmax=max(int(counts.max()), 2)))
     threshold = math.sqrt(max(int(counts.max()), 1))  # the middle of the log scale
     for i in range(n):
