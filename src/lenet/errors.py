@@ -29,6 +29,10 @@ class WeightsError(LenetError):
     """A weights file or model card that cannot be read or does not fit its model."""
 
 
+class ExportError(LenetError):
+    """An export that cannot be made, or whose result does not match the PyTorch model."""
+
+
 class TrainingInterrupted(LenetError):
     """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from lenet.backends import Backend, OnnxModel, TorchModel, load_backend
 from lenet.errors import ImageError
 from lenet.preprocess import (
     DEFAULT_MAX_PIXELS,
@@ -22,7 +22,12 @@ from lenet.preprocess import (
     preprocess,
 )
 from lenet.segment import split_digits
-from lenet.weights import LoadedWeights, load_weights
+
+# torch is imported only by the torch backend: a serving install with onnxruntime has none.
+if TYPE_CHECKING:
+    import torch
+
+    from lenet.weights import LoadedWeights
 
 # With calibrated probabilities, below this the best guess is more likely wrong than a
 # careful reader would accept: the answer is marked unsure (digit None) for a human to check.
@@ -83,9 +88,17 @@ class Reading:
 
 
 class Recognizer:
-    """A trained model with its card: images in, calibrated digits out."""
+    """A trained model with its card: images in, calibrated digits out.
 
-    def __init__(self, weights: LoadedWeights, unsure_below: float = UNSURE_BELOW) -> None:
+    The model runs on PyTorch or on onnxruntime (``backend``); preprocessing, calibration and
+    the answers are the same code for both.
+    """
+
+    def __init__(
+        self, weights: LoadedWeights | Backend, unsure_below: float = UNSURE_BELOW
+    ) -> None:
+        # LoadedWeights (PyTorch) stays accepted as before; any Backend works too.
+        self.backend: Backend = weights if hasattr(weights, "logits") else TorchModel(weights)
         self.weights = weights
         self.unsure_below = unsure_below
         self.max_pixels = DEFAULT_MAX_PIXELS
@@ -96,26 +109,45 @@ class Recognizer:
         name_or_path: str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
         unsure_below: float = UNSURE_BELOW,
+        backend: str = "auto",
+        threads: int | None = 1,
     ) -> Recognizer:
-        """A bundled model by name (`lenet`, `lenet-relu`), a .safetensors file, or None for
-        the most accurate bundled model."""
-        return cls(load_weights(name_or_path, device), unsure_below)
+        """A bundled model by name (`lenet`, `lenet-relu`), a .safetensors or .onnx file, or
+        None for the most accurate bundled model.
+
+        ``backend``: ``torch``, ``onnx`` (onnxruntime: a bundled name loads its bundled .onnx
+        export), or ``auto`` (onnx for a .onnx file or when torch is not installed, else
+        torch). ``device`` is for torch; ``threads`` is onnxruntime's intra-op thread count.
+        """
+        engine = load_backend(name_or_path, backend, device, threads)
+        weights = engine.weights if isinstance(engine, TorchModel) else engine
+        return cls(weights, unsure_below)
 
     @property
     def name(self) -> str:
         """The model's registered name."""
-        return self.weights.name
+        return self.backend.name
 
-    @torch.inference_mode()
+    @property
+    def card(self) -> dict[str, Any]:
+        """The model card of the weights (or of the weights an ONNX file was exported from)."""
+        return self.backend.card
+
+    @property
+    def backend_name(self) -> str:
+        """``onnx`` or ``torch``."""
+        return "onnx" if isinstance(self.backend, OnnxModel) else "torch"
+
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated probabilities (N, 10) for (28, 28) uint8 MNIST-style images."""
-        if not images:
+        if not len(images):
             return np.zeros((0, 10), np.float32)
-        batch = torch.from_numpy(np.stack(images)).unsqueeze(1)
-        model = self.weights.model
-        device = next(model.parameters()).device
-        logits = model(self.weights.normalization.apply(batch.to(device))).float().cpu()
-        return torch.softmax(logits / self.weights.temperature, dim=1).numpy()
+        logits = self.backend.logits(np.stack(images)).astype(np.float64)
+        # The card's temperature, then a softmax: the same for every backend.
+        scaled = logits / self.backend.temperature
+        scaled -= scaled.max(axis=1, keepdims=True)
+        exp = np.exp(scaled)
+        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def _answer(self, digit: Digit | None, probs: np.ndarray | None) -> Prediction:
         if digit is None or probs is None:
