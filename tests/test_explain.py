@@ -106,7 +106,10 @@ def test_every_registered_model_is_explained_and_sent_as_json(name, mnist, tmp_p
     card = {"model": name, "normalization": {"mean": 0.1307, "std": 0.3081}}
     loaded = load_weights(save_weights(tmp_path / "w.safetensors", model, card))
     picture = paper_png(mnist.test.images[2, 0].numpy())
+    loaded.model.train()  # a shared model is left as it was found: mode, and no hooks
     explained = explain(picture, loaded)
+    assert loaded.model.training
+    assert not any(m._forward_hooks for m in loaded.model.modules())
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     pools = [m for m in model.modules() if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))]
