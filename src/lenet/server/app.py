@@ -14,6 +14,7 @@ import importlib.resources
 import io
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -115,6 +116,12 @@ class Service:
     def load(self) -> None:
         """Load the model and check that it answers (the self-test /readyz reports)."""
         recognizer = Recognizer.load(self.settings.weights)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            # Parallelism comes from the request threads; a single image gains nothing from
+            # more threads, and two threads each starting an OpenMP team oversubscribe the
+            # cores and wait on each other.
+            torch.set_num_threads(1)
         recognizer.max_pixels = self.settings.max_pixels
         answer = recognizer.predict(_self_test_picture())
         blank = recognizer.predict(np.zeros((28, 28), np.uint8))
