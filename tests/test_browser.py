@@ -179,3 +179,16 @@ def test_several_digits_in_a_row(server, browser):
     ]
     draw(browser, strokes)
     shown(browser, "text", "714")
+
+
+def test_the_network_view_shows_feature_maps_of_the_drawing(server, browser):
+    browser.get(server + "/")
+    browser.find_element(By.ID, "explain").click()
+    draw(browser, DIGITS[7])
+    shown(browser, "digit", "7")
+    WebDriverWait(browser, 15).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#explanation .maps img")) > 20
+    )
+    titles = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#explanation h3")]
+    assert titles[0].startswith("What the model saw") and any("Saliency" in t for t in titles)
+    assert any("convolution" in t for t in titles) and any("pooling" in t for t in titles)

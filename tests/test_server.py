@@ -301,3 +301,45 @@ def test_waiting_work_is_bounded():
 
     asyncio.run(scenario())
     service.pool.shutdown()
+
+
+def test_explain_shows_what_the_network_sees(client, test_digits):
+    images, labels = test_digits
+    answer = client.post("/v1/explain", files={"image": png(images[4])})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    predicted = client.post("/v1/predict", files={"image": png(images[4])}).json()
+    assert result["digit"] == predicted["digit"] == labels[4]
+    assert Image.open(io.BytesIO(_b64(result["input"]["png"]))).size == (28, 28)
+    # Convolution and pooling maps in forward order, one PNG per channel.
+    assert [layer["kind"] for layer in result["layers"]][:2] == ["convolution", "pooling"]
+    for layer in result["layers"]:
+        assert len(layer["png"]) == layer["shape"][0]
+        h, w = layer["shape"][1:]
+        assert Image.open(io.BytesIO(_b64(layer["png"][0]))).size == (w, h)
+    blank = client.post("/v1/explain", files={"image": png(np.zeros((50, 50), np.uint8))})
+    assert blank.status_code == 422 and "no digit found" in blank.json()["error"]
+
+
+def _b64(text):
+    import base64
+
+    return base64.b64decode(text)
+
+
+def test_the_onnx_backend_serves_the_same_answers(test_digits):
+    pytest.importorskip("onnxruntime")
+    images, labels = test_digits
+    rng = np.random.default_rng(21)
+    with (
+        TestClient(create_app(ServeSettings(backend="onnx"))) as onnx,
+        TestClient(create_app(ServeSettings(backend="torch"))) as torch_backend,
+    ):
+        assert onnx.get("/v1/models").json()["backend"] == "onnx"
+        assert torch_backend.get("/v1/models").json()["backend"] == "torch"
+        for i in range(5):
+            data = userstyle.canvas(images[40 + i], rng)
+            a = onnx.post("/v1/predict", files={"image": data}).json()
+            b = torch_backend.post("/v1/predict", files={"image": data}).json()
+            assert a["digit"] == b["digit"] == labels[40 + i]
+            assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-4)

@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", help="a bundled model or a weights file (default: the most accurate)"
     )
     serve.add_argument(
+        "--backend", choices=("auto", "torch", "onnx"), default="auto",
+        help="run the model on PyTorch or onnxruntime (default: torch if installed)",
+    )  # fmt: skip
+    serve.add_argument(
         "--workers", type=_positive_int, default=1, help="worker processes (default 1)"
     )
     serve.add_argument(
@@ -564,11 +568,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LenetError(f"--port {args.port} is not a port number (0-65535).")
     if args.timeout <= 0:
         raise LenetError(f"--timeout must be positive, not {args.timeout}.")
-    from lenet.weights import resolve_weights
+    from lenet.recognize import Recognizer
 
-    weights = str(resolve_weights(args.weights))  # a wrong name fails here, not in a worker
+    # Loaded here, so that a wrong --weights or --backend is reported before serving.
+    recognizer = Recognizer.load(args.weights, backend=args.backend)
     settings = ServeSettings(
-        weights=weights,
+        weights=args.weights,
+        backend=recognizer.backend_name,
         host=args.host,
         port=args.port,
         max_upload_bytes=args.max_upload,
@@ -581,7 +587,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "log_level": "info" if args.access_log else "warning",
     }
     if args.workers == 1:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(create_app(settings, recognizer), **common)
         return 0
     # Worker processes build their own app from the settings, and share their metrics
     # through files so that any worker's /metrics counts all of them.

@@ -49,7 +49,7 @@ class ServeSettings:
     """What `lenet serve` was started with."""
 
     weights: str | None = None  # a bundled name or a weights file; None: the best bundled
-    backend: str = "torch"
+    backend: str = "auto"  # torch, onnx, or auto (onnx where torch is not installed)
     host: str = "127.0.0.1"
     port: int = 8000
     # 5 MB holds a phone photo as JPEG; a canvas drawing is a few kB.
@@ -75,6 +75,12 @@ class ServeSettings:
         import json
 
         return cls(**json.loads(os.environ[SETTINGS_ENV]))
+
+
+class NotAvailable(LenetError):
+    """A route this installation cannot answer (a missing optional dependency)."""
+
+    status = 501
 
 
 class Busy(LenetError):
@@ -104,10 +110,17 @@ def _self_test_picture() -> np.ndarray:
 class Service:
     """What the routes share: the recognizer, the thread pool, the limits, the metrics."""
 
-    def __init__(self, settings: ServeSettings, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: ServiceMetrics,
+        recognizer: Recognizer | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.preloaded = recognizer
         self.recognizer: Recognizer | None = None
+        self.explain_weights: Any = None  # PyTorch weights for /v1/explain, loaded when asked
         self.ready_error: str | None = "starting"
         self.pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="lenet-infer")
         self.pending = 0
@@ -115,7 +128,9 @@ class Service:
 
     def load(self) -> None:
         """Load the model and check that it answers (the self-test /readyz reports)."""
-        recognizer = Recognizer.load(self.settings.weights)
+        recognizer = self.preloaded or Recognizer.load(
+            self.settings.weights, backend=self.settings.backend
+        )
         torch = sys.modules.get("torch")
         if torch is not None:
             # Parallelism comes from the request threads; a single image gains nothing from
@@ -177,11 +192,17 @@ def _static_dir() -> str:
     return str(importlib.resources.files("lenet") / "server" / "static")
 
 
-def create_app(settings: ServeSettings | None = None) -> FastAPI:
-    """The service as an ASGI app (uvicorn, or any ASGI server or test client)."""
+def create_app(
+    settings: ServeSettings | None = None, recognizer: Recognizer | None = None
+) -> FastAPI:
+    """The service as an ASGI app (uvicorn, or any ASGI server or test client).
+
+    ``recognizer``: one already loaded (`lenet serve` loads it first, so that a wrong
+    --weights is reported before the server starts); otherwise it is loaded at start-up.
+    """
     settings = settings or ServeSettings()
     metrics = ServiceMetrics()
-    service = Service(settings, metrics)
+    service = Service(settings, metrics, recognizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -287,6 +308,44 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def read(request: Request, include_input: bool = False) -> Any:
         return await answer(request, answer_line, include_input)
 
+    def explain_one(data: bytes) -> Callable[[Recognizer], dict[str, Any]]:
+        def work(recognizer: Recognizer) -> dict[str, Any]:
+            try:
+                from lenet.explain import explain
+            except ImportError as exc:
+                raise NotAvailable(
+                    f"Explaining needs PyTorch, which this installation lacks ({exc.name} "
+                    "is missing): pip install torch, or use /v1/predict."
+                ) from None
+            weights = service.explain_weights
+            if weights is None:
+                # Saliency needs gradients, so the PyTorch weights the model came from are
+                # used even when answers come from onnxruntime.
+                backend_weights = getattr(recognizer.backend, "weights", None)
+                if backend_weights is None:
+                    from lenet.weights import load_weights
+
+                    backend_weights = load_weights(recognizer.name)
+                weights = service.explain_weights = backend_weights
+            return explain(data, weights, settings.max_pixels).to_dict()
+
+        return work
+
+    @app.post(
+        "/v1/explain",
+        summary="What the network sees: its input, filters, feature maps and a saliency map",
+        description="The same JSON as `lenet explain --json` (without `file`): every picture "
+        "is a base64 PNG at its true size. 422 when the picture holds no digit.",
+        responses=schemas.ERROR_RESPONSES,
+        openapi_extra=schemas.UPLOAD_BODY,
+    )
+    async def explain_route(request: Request) -> Any:
+        data = await read_upload(request, settings.max_upload_bytes)
+        result = await service.run(explain_one(data))
+        if result is None:
+            raise Busy(f"The answer took longer than {settings.timeout_s:g} s; retry later.")
+        return JSONResponse(result)
+
     @app.get("/v1/models", summary="The bundled models and their model cards")
     def models() -> schemas.ModelsOut:
         from lenet.weights import bundled_weights, read_card
@@ -296,7 +355,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             schemas.ModelOut(name=name, card=read_card(path))
             for name, path in bundled_weights().items()
         ]
-        return schemas.ModelsOut(loaded=loaded, backend=settings.backend, models=listed)
+        backend = service.recognizer.backend_name if service.recognizer else settings.backend
+        return schemas.ModelsOut(loaded=loaded, backend=backend, models=listed)
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict[str, str]:

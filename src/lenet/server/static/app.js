@@ -200,12 +200,15 @@ async function send() {
     }
     const blob = await picture();
     const wantsExplain = explain.checked && !multi.checked;
+    let found = true;
     if (multi.checked) {
       showLine(await post("/v1/read?include_input=true", blob));
     } else {
-      showSingle(await post("/v1/predict?include_input=true", blob));
+      const answer = await post("/v1/predict?include_input=true", blob);
+      showSingle(answer);
+      found = answer.reason !== "no digit found";
     }
-    if (wantsExplain) showExplanation(await post("/v1/explain", blob));
+    if (wantsExplain && found) showExplanation(await post("/v1/explain", blob));
     else document.getElementById("explanation").hidden = true;
     statusLine.textContent = "";
   } catch (error) {
@@ -290,23 +293,34 @@ function showLine(reading) {
   );
 }
 
+// The answer of /v1/explain (the JSON of `lenet explain --json`): each picture a PNG at its
+// true size, enlarged by the browser without smoothing.
 function showExplanation(result) {
+  const png = (b64) => `data:image/png;base64,${b64}`;
+  const sections = [
+    ["What the model saw (28×28)", [result.input.png]],
+    ["Saliency: the pixels that drove the answer", [result.saliency.png]],
+  ];
+  if (result.filters) sections.push([`First-layer filters (${result.filters.layer})`, result.filters.png]);
+  for (const layer of result.layers) {
+    sections.push([`${layer.description}: ${layer.shape.join("×")} ${layer.kind} maps`, layer.png]);
+  }
   const box = document.getElementById("explanation");
   box.hidden = false;
   box.replaceChildren(
-    ...result.layers.map((layer) => {
+    ...sections.map(([title, images]) => {
       const section = document.createElement("div");
-      const title = document.createElement("h3");
-      title.textContent = layer.title;
+      const heading = document.createElement("h3");
+      heading.textContent = title;
       const maps = document.createElement("div");
       maps.className = "maps";
-      for (const src of layer.images) {
+      for (const b64 of images) {
         const img = document.createElement("img");
-        img.src = src;
-        img.alt = layer.title;
+        img.src = png(b64);
+        img.alt = title;
         maps.appendChild(img);
       }
-      section.append(title, maps);
+      section.append(heading, maps);
       return section;
     }),
   );
