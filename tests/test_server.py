@@ -343,3 +343,68 @@ def test_the_onnx_backend_serves_the_same_answers(test_digits):
             b = torch_backend.post("/v1/predict", files={"image": data}).json()
             assert a["digit"] == b["digit"] == labels[40 + i]
             assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-4)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_cli_with_two_workers_counts_all_of_them(test_digits):
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lenet", "serve", "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{base}/readyz", timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.1)
+        body = png(test_digits[0][0])
+        for _ in range(6):
+            request = urllib.request.Request(
+                f"{base}/v1/predict", body, {"Content-Type": "image/png"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert json_load(answer)["digit"] == test_digits[1][0]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        # Either worker answers the scrape, and it counts the requests of both.
+        line = 'lenet_http_requests_total{method="POST",route="/v1/predict",status="200"} 6.0'
+        assert line in text
+    finally:
+        server.terminate()
+        server.wait(20)
+
+
+def json_load(answer):
+    import json
+
+    return json.loads(answer.read())
+
+
+def test_serve_cli_reports_a_wrong_model_before_serving():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lenet", "serve", "--weights", "alexnet", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "alexnet is neither" in done.stderr
