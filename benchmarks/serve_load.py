@@ -1,0 +1,285 @@
+"""Load on `lenet serve`: throughput, latency, memory, and bad uploads mixed into the load.
+
+    python benchmarks/serve_load.py [--seconds 30] [--clients 1,16,64]
+
+Starts `lenet serve` (one worker) on 127.0.0.1 and loads it from this second process with
+keep-alive HTTP/1.1 clients (plain asyncio streams: a lean client leaves the cores to the
+server). The pictures are 280x280 PNG canvas drawings (dark strokes on a transparent
+background, as the drawing page sends) of MNIST *test* digits; every answer is checked.
+
+Prints the machine and versions, then:
+  1. the baseline: the same pictures through the Recognizer in one process, no HTTP;
+  2. for 1, 16 and 64 clients: requests/s, p50/p95/p99 latency, errors, wrong answers;
+  3. memory: the server's resident memory after the first 1,000 and after 20,000 requests;
+  4. 16 clients with 10% bad uploads (image bombs, truncated files, wrong content types,
+     random bytes): every bad one must be 4xx, every good one still correct, no 5xx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import userstyle  # noqa: E402
+
+from lenet.data import load_dataset  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def canvas_png(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A 280x280 drawing-page export: the digit as dark strokes on transparent pixels."""
+    size = int(rng.integers(150, 230))
+    ink = Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR)
+    alpha = np.zeros((280, 280), np.uint8)
+    y, x = rng.integers(0, 280 - size + 1, 2)
+    alpha[y : y + size, x : x + size] = np.asarray(ink)
+    rgba = np.zeros((280, 280, 4), np.uint8)
+    rgba[..., 3] = alpha
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Payload:
+    body: bytes
+    content_type: str
+    label: int | None  # None: a bad upload that must be refused with 4xx
+
+
+def bad_uploads(good: bytes, rng: np.random.Generator) -> list[Payload]:
+    return [
+        Payload(userstyle.png_claiming(60_000, 60_000), "image/png", None),  # image bomb
+        Payload(good[: len(good) // 3], "image/png", None),  # truncated
+        Payload(b"just some text, not a picture", "image/png", None),
+        Payload(good, "text/plain", None),  # wrong content type
+        Payload(rng.bytes(2000), "application/octet-stream", None),
+    ]
+
+
+def request_bytes(port: int, payload: Payload) -> bytes:
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: {payload.content_type}\r\nContent-Length: {len(payload.body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + payload.body
+
+
+@dataclass
+class Tally:
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    wrong: int = 0  # good pictures answered with the wrong digit (or not answered)
+    bad_not_4xx: int = 0  # bad uploads not answered with 4xx
+    requests: int = 0
+
+
+async def client(
+    port: int,
+    work: list[tuple[bytes, Payload]],
+    start: int,
+    stop: asyncio.Event,
+    tally: Tally,
+    budget: list[int],
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    k = start
+    try:
+        while not stop.is_set() and budget[0] > 0:
+            budget[0] -= 1
+            raw, payload = work[k % len(work)]
+            k += 1
+            t0 = time.perf_counter()
+            writer.write(raw)
+            status_line = await reader.readline()
+            length = 0
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b""):
+                    break
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            body = await reader.readexactly(length)
+            tally.latencies.append(time.perf_counter() - t0)
+            status = int(status_line.split()[1])
+            tally.statuses[status] = tally.statuses.get(status, 0) + 1
+            tally.requests += 1
+            if payload.label is None:
+                tally.bad_not_4xx += not 400 <= status < 500
+            elif status != 200 or json.loads(body)["digit"] != payload.label:
+                tally.wrong += 1
+    finally:
+        writer.close()
+
+
+async def load(
+    port: int,
+    work: list[tuple[bytes, Payload]],
+    clients: int,
+    seconds: float,
+    max_requests: int = 10**12,
+) -> tuple[Tally, float]:
+    tally = Tally()
+    stop = asyncio.Event()
+    budget = [max_requests]
+    t0 = time.perf_counter()
+    tasks = [
+        asyncio.create_task(client(port, work, i * 997, stop, tally, budget))
+        for i in range(clients)
+    ]
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), seconds)
+    except asyncio.TimeoutError:
+        pass
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return tally, time.perf_counter() - t0
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def report(name: str, tally: Tally, elapsed: float) -> None:
+    lat = np.array(tally.latencies) * 1000
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99]) if len(lat) else (np.nan,) * 3
+    errors = sum(n for s, n in tally.statuses.items() if s >= 500)
+    print(
+        f"| {name} | {tally.requests / elapsed:,.0f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | "
+        f"{tally.requests:,} | {errors} | {tally.wrong} | {tally.bad_not_4xx} |",
+        flush=True,
+    )
+
+
+def start_server(port: int, workers: int = 1) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lenet", "serve", "--port", str(port), "--workers", str(workers)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                return server
+        except OSError:
+            if server.poll() is not None:
+                raise SystemExit("lenet serve exited before it was ready") from None
+            time.sleep(0.1)
+    raise SystemExit("lenet serve was not ready within 60 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="per load level")
+    parser.add_argument("--clients", default="1,16,64", help="comma-separated client counts")
+    parser.add_argument("--pictures", type=int, default=500, help="distinct test pictures")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    args = parser.parse_args()
+
+    import fastapi
+    import torch
+    import uvicorn
+
+    rng = np.random.default_rng(2026)
+    test = load_dataset("mnist").test
+    images, labels = test.images[:, 0].numpy(), test.labels.numpy()
+    good = [
+        Payload(canvas_png(images[i], rng), "image/png", int(labels[i]))
+        for i in range(args.pictures)
+    ]
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}")
+    print(
+        f"torch {torch.__version__}, fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}"
+    )
+    print(f"pictures: {len(good)} 280x280 canvas PNGs, {np.mean([len(p.body) for p in good]):,.0f}"
+          " bytes on average")  # fmt: skip
+
+    # 1. Baseline: the same work without HTTP, one thread, in this process.
+    from lenet.recognize import Recognizer
+
+    torch.set_num_threads(1)
+    recognizer = Recognizer.load()
+    for p in good[:20]:
+        recognizer.predict(p.body)
+    t0 = time.perf_counter()
+    correct = sum(recognizer.predict(p.body).digit == p.label for p in good)
+    per = (time.perf_counter() - t0) / len(good)
+    print(f"\nbaseline, no HTTP (Recognizer.predict, 1 thread): {per * 1000:.2f} ms per picture, "
+          f"{1 / per:,.0f} pictures/s per core, {correct}/{len(good)} correct")  # fmt: skip
+    del recognizer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start_server(port, args.workers)
+    header = (
+        "| load | requests/s | p50 ms | p95 ms | p99 ms | requests | 5xx | wrong answers "
+        "| bad not 4xx |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    try:
+        work = [(request_bytes(port, p), p) for p in good]
+        asyncio.run(load(port, work, 4, 3.0))  # warm-up
+        print(f"\n2. good canvas PNGs, {args.workers} worker(s)\n" + header)
+        for clients in (int(c) for c in args.clients.split(",")):
+            tally, elapsed = asyncio.run(load(port, work, clients, args.seconds))
+            report(f"{clients} clients, {args.seconds:g} s", tally, elapsed)
+
+        print("\n3. memory (16 clients): resident memory of the server")
+        server.terminate()
+        server.wait(10)
+        server = start_server(port, args.workers)
+        asyncio.run(load(port, work, 16, 600, max_requests=1000))
+        first = rss_mb(server.pid)
+        asyncio.run(load(port, work, 16, 600, max_requests=19_000))
+        last = rss_mb(server.pid)
+        change = 100 * (last - first) / first
+        print(f"after 1,000 requests: {first:.1f} MB; after 20,000: {last:.1f} MB "
+              f"({change:+.1f}%; target within 10%)")  # fmt: skip
+
+        print("\n4. 16 clients, 10% bad uploads\n" + header)
+        bad = bad_uploads(good[0].body, rng)
+        mixed = []
+        for k, p in enumerate(good):
+            mixed.append((request_bytes(port, p), p))
+            if k % 9 == 8:  # one bad after every nine good: 10%
+                b = bad[(k // 9) % len(bad)]
+                mixed.append((request_bytes(port, b), b))
+        tally, elapsed = asyncio.run(load(port, mixed, 16, args.seconds))
+        report(f"16 clients, 10% bad, {args.seconds:g} s", tally, elapsed)
+        print("statuses:", dict(sorted(tally.statuses.items())))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+if __name__ == "__main__":
+    main()
