@@ -243,7 +243,7 @@ def load_torchscript(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path), map_location="cpu").eval()
 
 
-def test_images(
+def labelled_test_images(
     loaded: LoadedWeights, data_dir: str | os.PathLike[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The test split of the card's dataset: (N, 28, 28) uint8 images and (N,) labels."""
@@ -403,7 +403,7 @@ def export(
         candidate = Path(tmp) / out.name
         candidate.write_bytes(data)
         if check:
-            images, labels = test_images(loaded, data_dir)
+            images, labels = labelled_test_images(loaded, data_dir)
             reference = torch_logits(loaded, images)
             if fmt == "torchscript":
                 scripted = load_torchscript(candidate)
