@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
 from lenet.segment import bounds, group_strokes
+from lenet.stats import median, quantiles
 
 # Pillow's names for the formats lenet reads (MPO is how Pillow names many cameras' JPEGs).
 ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF")
@@ -251,7 +252,7 @@ def find_ink(picture: Picture) -> InkMap | None:
         height, width = grey.shape
     # Polarity: the ink is the tail of the grey values farther from the typical pixel (the
     # background). A border test would be fooled by a dark desk or a scanner's black edge.
-    typical = float(np.median(grey[::3, ::3]))
+    typical = median(grey[::3, ::3])
     smooth = _mean3(grey)
     dark_ink = typical - float(smooth.min()) > float(smooth.max()) - typical
     x = 1.0 - grey if dark_ink else grey.copy()
@@ -259,7 +260,7 @@ def find_ink(picture: Picture) -> InkMap | None:
     border = np.concatenate(
         [x[:frame].ravel(), x[-frame:].ravel(), x[:, :frame].ravel(), x[:, -frame:].ravel()]
     )
-    low, high = np.percentile(border, [5, 95])
+    low, high = quantiles(border, (0.05, 0.95))
     if min(height, width) >= 48 and high - low > 0.15:
         # Uneven lighting: the background is what remains after removing anything thinner
         # than a quarter of the picture (strokes), smoothed. It varies slowly, so it is
@@ -282,9 +283,9 @@ def find_ink(picture: Picture) -> InkMap | None:
     x = np.clip(x - background, 0.0, 1.0)
     # Paper grain and sensor noise: the spread of the (mostly background) pixels.
     sample = x[::3, ::3]  # noise statistics need no more pixels than this
-    median = float(np.median(sample))
-    sigma = 1.4826 * float(np.median(np.abs(sample - median)))
-    floor = median + 5.0 * sigma + 0.05
+    middle = median(sample)
+    sigma = 1.4826 * median(np.abs(sample - middle))
+    floor = middle + 5.0 * sigma + 0.05
     if peak < max(floor, 0.15):
         return None
     threshold = max(floor, 0.35 * peak)
@@ -302,7 +303,9 @@ def find_ink(picture: Picture) -> InkMap | None:
     # elsewhere, or when it covers much of the picture; a tightly cropped digit is alone.
     sides = np.zeros(count + 1, int)
     for side in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        sides[np.unique(side)] += 1
+        touched = np.zeros(count + 1, bool)
+        touched[side] = True
+        sides += touched
     sides[0] = 0
     edge = sides > 0
     inside = keep & ~edge
@@ -319,7 +322,7 @@ def find_ink(picture: Picture) -> InkMap | None:
     if mask.sum() < 6:
         return None
     ink = np.where(x >= max(floor, 0.3 * threshold), x, 0.0)
-    strength = float(np.percentile(ink[mask], 90))
+    (strength,) = quantiles(ink[mask], (0.9,))
     ink = np.clip(ink / max(strength, 1e-6), 0.0, 1.0).astype(np.float32)
     return InkMap(ink, mask, scale * picture.scale)
 

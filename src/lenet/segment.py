@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from lenet.stats import median
+
 # A digit is rarely wider than this times the line's digit height; wider blobs are
 # touching digits (two touching digits measure about 1.6).
 MAX_DIGIT_ASPECT = 1.4
@@ -43,7 +45,7 @@ def group_strokes(mask: np.ndarray) -> list[np.ndarray]:
     ]
     if not items:
         return []
-    line_height = float(np.median([y1 - y0 for _, _, y0, y1, _ in items]))
+    line_height = median([y1 - y0 for _, _, y0, y1, _ in items])
     items.sort(key=lambda item: item[0])
     merged: list[list] = []
     for x0, x1, y0, y1, ids in items:
@@ -68,7 +70,7 @@ def _join_small_parts(parts: list[np.ndarray], heights: list[int]) -> list[np.nd
     """Join each short group to the digit it touches or nearly touches; drop stray marks."""
     if len(parts) < 2:
         return parts
-    line_height = float(np.median(heights))
+    line_height = median(heights)
     small = {i for i, h in enumerate(heights) if h < PART_HEIGHT * line_height}
     if len(small) == len(parts):
         return parts
@@ -93,7 +95,7 @@ def _split_wide(part: np.ndarray, height: float) -> list[np.ndarray]:
     if width <= MAX_DIGIT_ASPECT * height or pieces < 2:
         return [part]
     profile = part[:, x0:x1].sum(axis=0).astype(float)
-    typical = float(np.median(profile[profile > 0]))
+    typical = median(profile[profile > 0])
     cuts = []
     for k in range(1, pieces):
         centre = k * width / pieces
@@ -117,7 +119,7 @@ def split_digits(mask: np.ndarray) -> list[np.ndarray]:
     parts = group_strokes(mask)
     if not parts:
         return []
-    height = float(np.median([y1 - y0 for y0, y1, _, _ in map(bounds, parts)]))
+    height = median([y1 - y0 for y0, y1, _, _ in map(bounds, parts)])
     out = []
     for part in parts:
         out += _split_wide(part, height)
