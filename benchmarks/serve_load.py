@@ -180,9 +180,10 @@ def report(name: str, tally: Tally, elapsed: float) -> None:
     )
 
 
-def start_server(port: int, workers: int = 1) -> subprocess.Popen:
+def start_server(port: int, workers: int = 1, backend: str = "auto") -> subprocess.Popen:
+    command = ["serve", "--port", str(port), "--workers", str(workers), "--backend", backend]
     server = subprocess.Popen(
-        [sys.executable, "-m", "lenet", "serve", "--port", str(port), "--workers", str(workers)],
+        [sys.executable, "-m", "lenet", *command],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -203,6 +204,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,16,64", help="comma-separated client counts")
     parser.add_argument("--pictures", type=int, default=500, help="distinct test pictures")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    parser.add_argument("--skip-memory", action="store_true", help="skip the 20,000 requests")
     args = parser.parse_args()
 
     import fastapi
@@ -227,7 +230,7 @@ def main() -> None:
     from lenet.recognize import Recognizer
 
     torch.set_num_threads(1)
-    recognizer = Recognizer.load()
+    recognizer = Recognizer.load(backend=args.backend)
     for p in good[:20]:
         recognizer.predict(p.body)
     t0 = time.perf_counter()
@@ -240,7 +243,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = start_server(port, args.workers)
+    server = start_server(port, args.workers, args.backend)
     header = (
         "| load | requests/s | p50 ms | p95 ms | p99 ms | requests | 5xx | wrong answers "
         "| bad not 4xx |\n|---|---|---|---|---|---|---|---|---|"
@@ -248,15 +251,17 @@ def main() -> None:
     try:
         work = [(request_bytes(port, p), p) for p in good]
         asyncio.run(load(port, work, 4, 3.0))  # warm-up
-        print(f"\n2. good canvas PNGs, {args.workers} worker(s)\n" + header)
+        print(f"\n2. good canvas PNGs, {args.workers} worker(s), backend {args.backend}\n" + header)
         for clients in (int(c) for c in args.clients.split(",")):
             tally, elapsed = asyncio.run(load(port, work, clients, args.seconds))
             report(f"{clients} clients, {args.seconds:g} s", tally, elapsed)
 
+        if args.skip_memory or args.workers > 1:
+            return
         print("\n3. memory (16 clients): resident memory of the server")
         server.terminate()
         server.wait(10)
-        server = start_server(port, args.workers)
+        server = start_server(port, args.workers, args.backend)
         asyncio.run(load(port, work, 16, 600, max_requests=1000))
         first = rss_mb(server.pid)
         asyncio.run(load(port, work, 16, 600, max_requests=19_000))
