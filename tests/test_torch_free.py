@@ -1,10 +1,13 @@
-"""The serving install without PyTorch: `lenet predict --backend onnx` with onnxruntime only."""
+"""The serving install without PyTorch: `lenet predict` and `lenet serve` on onnxruntime only."""
 
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import venv
 from pathlib import Path
 
@@ -58,7 +61,7 @@ def pip(python, *args):
 
 
 @pytest.mark.needs_index  # deselect with -m "not needs_index" where pip cannot reach an index
-def test_a_venv_without_torch_reads_a_digit(mnist, tmp_path):
+def test_a_venv_without_torch_predicts_and_serves(mnist, tmp_path):
     """The documented serving install, for real: a new venv, the requirements file, the
     package without its dependencies; pip's cache makes it quick."""
     env_dir = tmp_path / "venv"
@@ -80,3 +83,38 @@ def test_a_venv_without_torch_reads_a_digit(mnist, tmp_path):
     answer = json.loads(done.stdout)
     assert answer["digit"] == label and answer["confidence"] > 0.9
     assert np.isclose(sum(answer["probabilities"]), 1, atol=1e-4)
+
+    # `lenet serve` in the same venv: auto picks onnx where torch is missing.
+    port = free_port()
+    server = subprocess.Popen(
+        [str(env_dir / "bin" / "lenet"), "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as ready:
+                    if ready.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "lenet serve did not become ready"
+                time.sleep(0.2)
+        request = urllib.request.Request(
+            f"{base}/v1/predict", data=png, headers={"Content-Type": "image/png"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["digit"] == label
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as response:
+            assert json.loads(response.read())["backend"] == "onnx"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
