@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -386,6 +387,13 @@ def export(
     if int8 and fmt != "onnx":
         raise ExportError(
             "--int8 is for ONNX exports (onnxruntime's quantization): use --format onnx."
+        )
+    needed = ("onnx", "onnxscript", "onnxruntime") if fmt == "onnx" else ()
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(
+            f"ONNX export needs {', '.join(missing)}, not installed here: "
+            "`pip install 'lenet[export]'`."
         )
     resolve_weights(weights)  # a clear error for a wrong name before anything heavy starts
     loaded = load_weights(weights, "cpu")
