@@ -1,6 +1,7 @@
 """The HTTP service through an HTTP client: answers, every kind of bad upload, limits, metrics."""
 
 import asyncio
+import importlib.util
 import io
 import re
 import threading
@@ -33,8 +34,9 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def recognizer():
-    return Recognizer.load()
+def recognizer(client):
+    """The CLI's recognizer on the backend the service chose."""
+    return Recognizer.load(backend=client.get("/v1/models").json()["backend"])
 
 
 def metric(client, name, **labels):
@@ -59,6 +61,9 @@ def test_health_readiness_models_and_docs(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     models = client.get("/v1/models").json()
+    # auto: onnxruntime where installed (the bundled models have ONNX exports), else torch.
+    expected = "onnx" if importlib.util.find_spec("onnxruntime") else "torch"
+    assert models["backend"] == expected
     assert {m["name"] for m in models["models"]} >= {"lenet", "lenet-relu"}
     assert models["loaded"] == ready.json()["model"]
     assert all(m["card"]["parameters"] > 0 for m in models["models"])

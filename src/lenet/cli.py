@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--backend", choices=("auto", "torch", "onnx"), default="auto",
-        help="run the model on PyTorch or onnxruntime (default: torch if installed)",
+        help="run the model on PyTorch or onnxruntime (default auto: onnxruntime when it is "
+        "installed and the model has an ONNX export, as the bundled ones do)",
     )  # fmt: skip
     serve.add_argument(
         "--workers", type=_positive_int, default=1, help="worker processes (default 1)"
@@ -557,7 +558,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from lenet.server import ServeSettings, create_app
-        from lenet.server.app import SETTINGS_ENV
+        from lenet.server.app import SETTINGS_ENV, serving_backend
         from lenet.server.metrics import MULTIPROC_ENV
     except ImportError as exc:
         raise LenetError(
@@ -571,7 +572,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lenet.recognize import Recognizer
 
     # Loaded here, so that a wrong --weights or --backend is reported before serving.
-    recognizer = Recognizer.load(args.weights, backend=args.backend)
+    settings = ServeSettings(weights=args.weights, backend=args.backend)
+    recognizer = Recognizer.load(args.weights, backend=serving_backend(settings))
     settings = ServeSettings(
         weights=args.weights,
         backend=recognizer.backend_name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.resources
+import importlib.util
 import io
 import logging
 import os
@@ -49,7 +50,7 @@ class ServeSettings:
     """What `lenet serve` was started with."""
 
     weights: str | None = None  # a bundled name or a weights file; None: the best bundled
-    backend: str = "auto"  # torch, onnx, or auto (onnx where torch is not installed)
+    backend: str = "auto"  # torch, onnx, or auto (see serving_backend)
     host: str = "127.0.0.1"
     port: int = 8000
     # 5 MB holds a phone photo as JPEG; a canvas drawing is a few kB.
@@ -75,6 +76,19 @@ class ServeSettings:
         import json
 
         return cls(**json.loads(os.environ[SETTINGS_ENV]))
+
+
+def serving_backend(settings: ServeSettings) -> str:
+    """The backend to serve with: ``auto`` prefers onnxruntime where it is installed and the
+    model has an ONNX export (the bundled ones do): the same answers, the model part several
+    times faster for one picture at a time."""
+    if settings.backend != "auto":
+        return settings.backend
+    from lenet.backends import bundled_onnx
+
+    weights = settings.weights
+    exported = weights is None or str(weights) in bundled_onnx() or str(weights).endswith(".onnx")
+    return "onnx" if exported and importlib.util.find_spec("onnxruntime") else "auto"
 
 
 class NotAvailable(LenetError):
@@ -129,7 +143,7 @@ class Service:
     def load(self) -> None:
         """Load the model and check that it answers (the self-test /readyz reports)."""
         recognizer = self.preloaded or Recognizer.load(
-            self.settings.weights, backend=self.settings.backend
+            self.settings.weights, backend=serving_backend(self.settings)
         )
         torch = sys.modules.get("torch")
         if torch is not None:
