@@ -231,13 +231,17 @@ def main() -> None:
     from lenet.recognize import Recognizer
 
     torch.set_num_threads(1)
-    recognizer = Recognizer.load(backend=args.backend)
+    from lenet.server.app import ServeSettings, serving_backend
+
+    backend = serving_backend(ServeSettings(backend=args.backend))
+    recognizer = Recognizer.load(backend=backend)
     for p in good[:20]:
         recognizer.predict(p.body)
     t0 = time.perf_counter()
     correct = sum(recognizer.predict(p.body).digit == p.label for p in good)
     per = (time.perf_counter() - t0) / len(good)
-    print(f"\nbaseline, no HTTP (Recognizer.predict, 1 thread): {per * 1000:.2f} ms per picture, "
+    print(f"\nbaseline, no HTTP (Recognizer.predict, {backend} backend, 1 thread): "
+          f"{per * 1000:.2f} ms per picture, "
           f"{1 / per:,.0f} pictures/s per core, {correct}/{len(good)} correct")  # fmt: skip
     del recognizer
 
