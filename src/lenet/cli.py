@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest accepted request body (default 5 MB)",
     )  # fmt: skip
     serve.add_argument(
+        "--max-pixels", type=_positive_int, default=None, metavar="N",
+        help="largest picture, checked before decoding (default 40,000,000)",
+    )  # fmt: skip
+    serve.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS",
         help="answer 503 to a request not answered within this (default 10)",
     )  # fmt: skip
@@ -581,6 +585,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_upload_bytes=args.max_upload,
         timeout_s=args.timeout,
+        **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
     )
     common = {
         "host": args.host,
