@@ -14,7 +14,7 @@ from lenet.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine")
-AUGMENT_CHOICES = ("none", "affine")
+AUGMENT_CHOICES = ("none", "affine", "elastic", "affine+elastic")  # lenet.augment.AUGMENTATIONS
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,11 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(
         0 <= config.label_smoothing < 1,
         f"--label-smoothing must be in [0, 1), got {config.label_smoothing}.",
+    )
+    _check(
+        config.label_smoothing == 0 or get_model_spec(config.model).loss is None,
+        f"--label-smoothing smooths cross-entropy, but {config.model} trains with its own loss: "
+        "leave it at 0 (or train lenet5-linear, which uses cross-entropy).",
     )
     if config.target_accuracy is not None:
         _check(

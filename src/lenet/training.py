@@ -131,7 +131,10 @@ def make_scheduler(
 
 def input_normalization(config: TrainConfig, data: Dataset) -> Normalization:
     """The normalisation this run trains with, and every user of its weights must apply."""
-    if config.normalize and get_model_spec(config.model).standardize:
+    spec = get_model_spec(config.model)
+    if config.normalize and spec.normalization is not None:
+        return spec.normalization
+    if config.normalize and spec.standardize:
         return Normalization(data.spec.mean, data.spec.std)
     return Normalization(0.0, 1.0)
 
@@ -291,7 +294,10 @@ def train(
                 if augment is not None:
                     x = augment(x, generator, background)
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                if model_spec.loss is not None:  # the model's own loss (lenet5: eq. 9)
+                    loss = model_spec.loss(logits, y)
+                else:
+                    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
