@@ -44,7 +44,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lenet.config import AUGMENT_CHOICES, OPTIMIZERS, RECIPES, SCHEDULES
+    from lenet.config import AMP_CHOICES, AUGMENT_CHOICES, OPTIMIZERS, RECIPES, SCHEDULES
     from lenet.device import DEVICE_CHOICES
 
     parser = argparse.ArgumentParser(
@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=None,
         help="standardise inputs with the dataset's mean and std (--no-normalize: pixels/255)",
+    )  # fmt: skip
+    train.add_argument(
+        "--amp", choices=AMP_CHOICES,
+        help="bf16 autocast of the forward pass (for GPUs; default: off)",
+    )  # fmt: skip
+    train.add_argument(
+        "--train-limit", type=_positive_int, metavar="N",
+        help="train on the first N training images only (quick checks; default: all)",
     )  # fmt: skip
     train.add_argument("--seed", type=int)
     train.add_argument("--device", choices=DEVICE_CHOICES)
@@ -353,6 +361,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         augment=args.augment,
         normalize=args.normalize,
+        amp=args.amp,
+        train_limit=args.train_limit,
         seed=args.seed,
         device=args.device,
         threads=args.threads,
@@ -366,7 +376,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         from lenet import plots
 
         plots.require_matplotlib()  # now, not after the training it would draw
-    result = train(config, resume=args.resume, force=args.force)
+    from lenet.distributed import init_from_environment
+
+    # Under torchrun: join the group once, here; the training loop gets it (and the device).
+    distributed = init_from_environment(config.device)
+    try:
+        result = train(config, resume=args.resume, force=args.force, distributed=distributed)
+    except TrainingInterrupted:
+        if distributed is not None and not distributed.is_main:
+            return 130  # rank 0 says where the checkpoint is; one message is enough
+        raise
+    finally:
+        if distributed is not None:
+            distributed.close()
+    if distributed is not None and not distributed.is_main:
+        return 0  # rank 0 reports the run
     curves = None
     if args.plots:
         from lenet.report import CURVES_NAME

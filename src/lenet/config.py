@@ -15,6 +15,7 @@ from lenet.errors import ConfigError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine")
 AUGMENT_CHOICES = ("none", "affine", "elastic", "affine+elastic")  # lenet.augment.AUGMENTATIONS
+AMP_CHOICES = ("off", "bf16")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class TrainConfig:
 
     model: str = "lenet"  # a name from `lenet models`
     dataset: str = "mnist"  # mnist or fashion-mnist
+    # Train on the first N training images only (quick checks, tests); None: all of them.
+    train_limit: int | None = None
     recipe: str = "default"  # which named recipe filled in the values below
     # The sigmoid network passes 99% test accuracy around epoch 8-9 (benchmarks/train_speed.py).
     epochs: int = 10
@@ -37,6 +40,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: str = "none"  # affine distortions help long runs, slow down short ones
     normalize: bool = True  # standardise inputs with the dataset's mean/std (book: False)
+    # bf16 autocast of the forward pass (GPU speed); off until measured to keep accuracy.
+    amp: str = "off"
     seed: int = 0  # model initialisation, data order and augmentation
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     threads: int | None = None  # CPU threads; None = every core this process may use
@@ -122,6 +127,12 @@ def validate(config: TrainConfig) -> TrainConfig:
         config.augment in AUGMENT_CHOICES,
         f"Unknown augmentation {config.augment!r}: {', '.join(AUGMENT_CHOICES)}.",
     )
+    _check(config.amp in AMP_CHOICES, f"Unknown --amp {config.amp!r}: {', '.join(AMP_CHOICES)}.")
+    if config.train_limit is not None:
+        _check(
+            config.train_limit >= 1,
+            f"--train-limit must be at least 1 image, got {config.train_limit}.",
+        )
     _check(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}.")
     _check(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}.")
     _check(

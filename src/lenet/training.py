@@ -30,8 +30,16 @@ from lenet.augment import AUGMENTATIONS
 from lenet.calibration import expected_calibration_error, fit_temperature
 from lenet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lenet.config import RUNTIME_FIELDS, TrainConfig, reproduce_command, validate
-from lenet.data import Dataset, load_dataset
+from lenet.data import Dataset, Split, load_dataset
 from lenet.device import configure_threads, resolve_device
+from lenet.distributed import (
+    Distributed,
+    augment_seed,
+    epoch_order,
+    main_first,
+    on_main,
+    state_digest,
+)
 from lenet.errors import RunDirError, TrainingInterrupted
 from lenet.evaluation import evaluate_model, predict_logits
 from lenet.models import Normalization, count_macs, count_parameters, create_model, get_model_spec
@@ -146,6 +154,10 @@ class _StopRequest:
     Ctrl-C interrupts at once, as usual.
     """
 
+    # Under torchrun a Ctrl-C reaches every rank, from the terminal and again from torchrun:
+    # the group must finish the batch together, so there a repeat does not interrupt at once.
+    restore_on_first = True
+
     def __init__(self) -> None:
         self.requested = False
 
@@ -158,13 +170,75 @@ class _StopRequest:
 
         def handler(_signum: int, _frame: object) -> None:
             self.requested = True
-            signal.signal(signal.SIGINT, previous)
+            if self.restore_on_first:
+                signal.signal(signal.SIGINT, previous)
 
         signal.signal(signal.SIGINT, handler)
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+class _GroupStopRequest(_StopRequest):
+    """A stop request that every rank sees as soon as one rank got a Ctrl-C.
+
+    Each read of ``requested`` is a collective: the training loop reads it at the same points
+    on every rank, so all ranks stop after the same batch and none waits for a peer in vain.
+    """
+
+    restore_on_first = False
+
+    def __init__(self, distributed: Distributed) -> None:
+        super().__init__()
+        self._group = distributed
+        self._local = False
+
+    @property  # type: ignore[override]
+    def requested(self) -> bool:
+        self._local = self._group.any(self._local)
+        return self._local
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        self._local = value
+
+
+class _Autocast:
+    """Calls a model under bf16 autocast and hands back float32 logits for the loss."""
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], device_type: str) -> None:
+        self.model = model
+        self.device_type = device_type
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+def _open_run_dir(
+    config: TrainConfig, resume: bool, force: bool
+) -> tuple[Path, dict[str, Any] | None]:
+    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    prepare_run_dir(run_dir, resume, force)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if resume else None
+    return run_dir, checkpoint
+
+
+def _rank_rng_state(checkpoint: dict[str, Any], distributed: Distributed | None) -> dict[str, Any]:
+    """The RNG states this process resumes with: its own rank's where the checkpoint has them."""
+    saved = checkpoint["rng"]
+    if distributed is None or distributed.is_main:
+        return saved
+    ranks = checkpoint.get("rng_ranks") or []
+    if len(ranks) == distributed.world_size:
+        return ranks[distributed.rank]
+    # Saved by a group of another size (or one process): this rank's stream starts afresh, so
+    # the run goes on correctly but not bit for bit as it would have.
+    fresh = torch.Generator().manual_seed(
+        augment_seed(checkpoint["config"]["seed"], distributed.rank)
+    )
+    return {**saved, "data": fresh.get_state()}
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -189,6 +263,7 @@ def train(
     progress: bool | None = None,
     dataset: Dataset | None = None,
     on_epoch_end: Callable[[dict[str, Any], torch.nn.Module], None] | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.dataset`` and write the run folder ``config.out``.
 
@@ -196,25 +271,35 @@ def train(
     there; only where it runs (``device``, ``threads``, ``data_dir``) is taken from ``config``.
     On the CPU it ends with exactly the weights an uninterrupted run gives.
     ``on_epoch_end(metrics, model)`` is called after each epoch (benchmarks use it).
+    With ``distributed`` (from ``lenet.distributed.init_from_environment`` under torchrun) this
+    process is one rank of a DistributedDataParallel run: ``config.batch_size`` is the global
+    batch, and only rank 0 writes the run folder or prints progress.
     """
     config = validate(config)
-    run_dir = Path(config.out) if config.out else default_run_dir(config)
-    prepare_run_dir(run_dir, resume, force)
-    checkpoint: dict[str, Any] | None = None
+    # Under torchrun only rank 0 touches the folder; every rank gets its checkpoint from rank 0.
+    run_dir, checkpoint = on_main(distributed, lambda: _open_run_dir(config, resume, force))
     if resume:
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
         runtime = {k: getattr(config, k) for k in RUNTIME_FIELDS}
         config = validate(TrainConfig.from_dict({**checkpoint["config"], **runtime}))
     config = replace(config, out=str(run_dir))
     if progress is None:
         progress = sys.stderr.isatty()
+    main = distributed is None or distributed.is_main
+    progress = progress and main
 
-    device = resolve_device(config.device)
+    device = distributed.device if distributed is not None else resolve_device(config.device)
     if config.threads is not None:
         configure_threads(config.threads)
     if dataset is None:
-        dataset = load_dataset(config.dataset, config.data_dir, progress=progress)
+        dataset = main_first(
+            distributed, lambda: load_dataset(config.dataset, config.data_dir, progress=progress)
+        )
     data = dataset
+    if config.train_limit is not None:
+        train_part = Split(
+            data.train.images[: config.train_limit], data.train.labels[: config.train_limit]
+        )
+        data = replace(data, train=train_part)
     norm = input_normalization(config, data)
     model_spec = get_model_spec(config.model)
     memory_format = (
@@ -231,7 +316,10 @@ def train(
 
     torch.manual_seed(config.seed)
     model = create_model(config.model).to(device).to(memory_format=memory_format)
-    generator = torch.Generator().manual_seed(config.seed)
+    # Augmentation draws from this; in one process the data order too (under torchrun each
+    # rank distorts its own images, and the order comes from `epoch_order`).
+    rank = distributed.rank if distributed is not None else 0
+    generator = torch.Generator().manual_seed(augment_seed(config.seed, rank))
     optimizer = make_optimizer(config, model)
     n_train = len(y_train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
@@ -245,13 +333,15 @@ def train(
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        _set_rng_state(generator, checkpoint["rng"])
+        _set_rng_state(generator, _rank_rng_state(checkpoint, distributed))
         epoch, next_batch = checkpoint["epoch"], checkpoint["next_batch"]
         order = checkpoint.get("order")
         running = checkpoint["running"]
+        if not main:  # rank 0's checkpoint holds the whole group's partial epoch sums
+            running = {**running, "loss": 0.0, "correct": 0, "seen": 0}
         history = checkpoint["history"]
         train_seconds = checkpoint["train_seconds"]
-    else:
+    elif main:
         write_text_atomic(run_dir / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
 
     def checkpoint_state() -> dict[str, Any]:
@@ -271,12 +361,36 @@ def train(
             "torch_version": str(torch.__version__),  # a str subclass that safe loading refuses
         }
 
-    stop = _StopRequest()
+    def save_state() -> None:
+        """Write the checkpoint (rank 0), with every rank's augmentation RNG under torchrun."""
+        if distributed is None:
+            save_checkpoint(run_dir / CHECKPOINT_NAME, checkpoint_state())
+            return
+        rng_ranks = distributed.gather(_rng_state(generator))
+        group_running = distributed.sum_counts(running)
+        if main:
+            state = {**checkpoint_state(), "running": group_running}
+            state.update(rng_ranks=rng_ranks, world_size=distributed.world_size)
+            save_checkpoint(run_dir / CHECKPOINT_NAME, state)
+
+    # What a training step calls: the model, under bf16 autocast if asked, inside DDP.
+    step_model: Callable[[torch.Tensor], torch.Tensor] = model
+    if distributed is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        step_model = DistributedDataParallel(model, device_ids=device_ids)
+    if config.amp == "bf16":
+        step_model = _Autocast(step_model, device.type)
+
+    stop = _StopRequest() if distributed is None else _GroupStopRequest(distributed)
     reached_target = bool(history) and _reached(config, history[-1])
     model.train()
     with stop.installed():
         while epoch < config.epochs and not reached_target:
             started = time.perf_counter()
+            if order is None and distributed is not None:
+                order = epoch_order(n_train, config.seed, epoch).to(device)
             if order is None:
                 order = torch.randperm(n_train, generator=generator).to(device)
             bar = tqdm(
@@ -290,16 +404,19 @@ def train(
             )
             while next_batch < steps_per_epoch and not stop.requested:
                 index = order[next_batch * config.batch_size : (next_batch + 1) * config.batch_size]
+                share = 1.0  # this process's weight in the global batch's mean loss
+                if distributed is not None:
+                    index, share = distributed.shard(index)
                 x, y = x_train[index], y_train[index]
                 if augment is not None:
                     x = augment(x, generator, background)
-                logits = model(x)
+                logits = step_model(x)
                 if model_spec.loss is not None:  # the model's own loss (lenet5: eq. 9)
                     loss = model_spec.loss(logits, y)
                 else:
                     loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share).backward()
                 optimizer.step()
                 scheduler.step()
                 next_batch += 1
@@ -318,10 +435,15 @@ def train(
             running["seconds"] += time.perf_counter() - started
             if stop.requested and next_batch < steps_per_epoch:
                 train_seconds += time.perf_counter() - started
-                save_checkpoint(run_dir / CHECKPOINT_NAME, checkpoint_state())
+                save_state()
                 raise _interrupted(run_dir, f"in epoch {epoch + 1} at batch {next_batch}")
 
-            val = evaluate_model(model, data.val.images, data.val.labels, norm)
+            if distributed is not None:
+                running = distributed.sum_counts(running)
+            # Evaluated once, on rank 0: every rank then stops (or not) on the same figure.
+            val = on_main(
+                distributed, lambda: evaluate_model(model, data.val.images, data.val.labels, norm)
+            )
             model.train()
             epoch_seconds = running["seconds"]
             train_seconds += time.perf_counter() - started
@@ -341,10 +463,11 @@ def train(
             epoch, next_batch, order = epoch + 1, 0, None
             running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
             saving = time.perf_counter()
-            save_checkpoint(run_dir / CHECKPOINT_NAME, checkpoint_state())
-            # Rewritten from the checkpoint's history, so the two never disagree after a crash.
-            lines = "".join(json.dumps(h) + "\n" for h in history)
-            write_text_atomic(run_dir / METRICS_NAME, lines)
+            save_state()
+            if main:
+                # Rewritten from the checkpoint's history, so the two never disagree after a crash.
+                lines = "".join(json.dumps(h) + "\n" for h in history)
+                write_text_atomic(run_dir / METRICS_NAME, lines)
             train_seconds += time.perf_counter() - saving
             if progress:
                 print(
@@ -360,8 +483,10 @@ def train(
             if stop.requested and epoch < config.epochs and not reached_target:
                 raise _interrupted(run_dir, f"after epoch {epoch}")
 
-    test = evaluate_model(model, data.test.images, data.test.labels, norm)
-    calibration = calibrate(model, data, norm)
+    test = on_main(
+        distributed, lambda: evaluate_model(model, data.test.images, data.test.labels, norm)
+    )
+    calibration = on_main(distributed, lambda: calibrate(model, data, norm))
     epochs_done = len(history)
     step_seconds = sum(h["epoch_seconds"] for h in history)
     card = {
@@ -388,7 +513,19 @@ def train(
         "command": reproduce_command(config),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    weights = save_weights(run_dir / WEIGHTS_NAME, model, card)
+    if distributed is not None:
+        # Each rank's final weights, so anyone can check that DDP kept them identical.
+        card["distributed"] = {
+            "world_size": distributed.world_size,
+            "backend": distributed.backend,
+            "global_batch_size": config.batch_size,
+            "state_sha256_per_rank": distributed.broadcast(distributed.gather(state_digest(model))),
+        }
+    weights = run_dir / WEIGHTS_NAME
+    if main:
+        weights = save_weights(weights, model, card)
+    if distributed is not None:
+        distributed.barrier()  # no rank reports a run whose files are not yet written
     return TrainResult(
         config=config,
         run_dir=run_dir,
