@@ -7,6 +7,11 @@ test images (already normalised: the model alone) on PyTorch eager, PyTorch with
 optimizations, onnxruntime float and onnxruntime int8, then the latency of one 28x28 image in
 microseconds, then the onnxruntime session settings that were tried. Each figure is the median
 of 5 timed passes (the spread in brackets), after a warm-up pass.
+
+    python benchmarks/inference_speed.py --device cuda   # PyTorch on the GPU: fp32 and bf16
+
+With ``--device cuda`` only PyTorch runs, on the GPU (inputs already in GPU memory; each pass
+ends with a synchronize, so the figures are of finished work).
 """
 
 from __future__ import annotations
@@ -160,10 +165,64 @@ def ort_parallel(model: bytes, workers: int) -> Callable[[np.ndarray], object]:
     return call
 
 
+def gpu_main(models: list[str], device: torch.device) -> None:
+    """Images/s of PyTorch on ``device`` in fp32 and under bf16 autocast, per batch size."""
+    print(f"GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+          f"torch {torch.__version__}, python {platform.python_version()}")  # fmt: skip
+    print(f"command: python {' '.join(sys.argv)}\n")
+    data = load_dataset("mnist")
+    labels = data.test.labels.to(device)
+    for name in models:
+        loaded = load_weights(name, device)
+        inputs = loaded.normalization.apply(data.test.images.to(device))
+
+        def fp32(x: torch.Tensor, model: torch.nn.Module = loaded.model) -> torch.Tensor:
+            return model(x)
+
+        def bf16(x: torch.Tensor, model: torch.nn.Module = loaded.model) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(x).float()
+
+        print(f"## {name} on {device} ({loaded.card.get('parameters', '?'):,} parameters)\n")
+        print("| engine | batch 1 | batch 64 | batch 10,000 | test accuracy |")
+        print("|---|---|---|---|---|")
+        for engine, call in (("torch fp32", fp32), ("torch bf16 autocast", bf16)):
+            with torch.inference_mode():
+                accuracy = float((call(inputs).argmax(1) == labels).float().mean())
+                cells = []
+                for batch in BATCHES:
+                    part = inputs[:SINGLE_IMAGES] if batch == 1 else inputs
+                    chunks = [part[i : i + batch] for i in range(0, len(part), batch)]
+
+                    def run(chunks: list[torch.Tensor] = chunks, call=call) -> None:
+                        for chunk in chunks:
+                            call(chunk)
+                        torch.cuda.synchronize(device)
+
+                    rates = sorted(len(part) / t for t in passes(run))
+                    cells.append(
+                        f"{statistics.median(rates):,.0f} ({rates[0]:,.0f}-{rates[-1]:,.0f})"
+                    )
+            print(f"| {engine} | {' | '.join(cells)} | {accuracy:.2%} |", flush=True)
+        print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="lenet-relu,lenet")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"),
+        help="cpu: every backend (default); cuda: PyTorch on the GPU only",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"inference_speed: --device cuda, but torch {torch.__version__} sees no CUDA "
+                "GPU here. Run it on a machine with one, with a CUDA build of torch."
+            )
+        gpu_main(args.models.split(","), torch.device("cuda"))
+        return
     torch.set_num_threads(THREADS)
     print(f"machine: {cpu_model()}, {THREADS} cores usable, {platform.platform()}")
     print(

@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py            # the full benchmark (about 4 minutes on 2 cores)
     python benchmarks/train_speed.py --quick    # a smoke run on a slice of the data
+    python benchmarks/train_speed.py --device cuda [--amp bf16]   # lenet's loop on a GPU
 
 Every measurement runs in its own process (so peak memory is its own) on real MNIST, in one
 invocation, on the same machine. Printed: the machine, versions, and a Markdown table.
@@ -78,7 +79,9 @@ def task_book_loop(epochs: int, workers: int, quick: bool) -> dict:
     return {"epoch_seconds": seconds, "samples": len(labels), "workers": workers}
 
 
-def task_lenet_recipe(model: str, recipe: str, epochs: int | None, quick: bool) -> dict:
+def task_lenet_recipe(
+    model: str, recipe: str, epochs: int | None, quick: bool, device: str = "auto", amp: str = "off"
+) -> dict:
     """`lenet train` with a recipe; test accuracy recorded after every epoch (not timed)."""
     import tempfile
 
@@ -97,7 +100,7 @@ def task_lenet_recipe(model: str, recipe: str, epochs: int | None, quick: bool) 
             data.folder,
         )
     out = tempfile.mkdtemp(prefix="lenet-bench-")
-    config = resolve_config(model, recipe, epochs=epochs, out=out)
+    config = resolve_config(model, recipe, epochs=epochs, out=out, device=device, amp=amp)
     norm = input_normalization(config, data)
     test_curve = []
 
@@ -113,10 +116,11 @@ def task_lenet_recipe(model: str, recipe: str, epochs: int | None, quick: bool) 
         "test_accuracy": result.test_accuracy,
         "train_seconds": result.train_seconds,
         "config": result.config.to_dict(),
+        "device": result.card["device"],
     }
 
 
-def task_evaluate() -> dict:
+def task_evaluate(device: str = "cpu") -> dict:
     import torch
 
     from lenet.data import load_dataset
@@ -126,19 +130,23 @@ def task_evaluate() -> dict:
 
     configure_threads(None)
     data = load_dataset("mnist")
-    model = create_model("lenet").eval()
+    model = create_model("lenet").eval().to(device)
     norm = Normalization(0.1307, 0.3081)
     times = []
     for _ in range(7):
         started = time.perf_counter()
         evaluate_model(model, data.test.images, data.test.labels, norm)
         times.append(time.perf_counter() - started)
-    a = torch.randn(2048, 2048)
-    b = torch.randn(2048, 2048)
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
     a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(5):
         a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()  # GPU kernels run asynchronously: wait before reading the clock
     gemm = 5 * 2 * 2048**3 / (time.perf_counter() - started) / 1e9
     return {"eval_seconds": sorted(times)[len(times) // 2], "gemm_gflops": gemm}
 
@@ -160,41 +168,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run on 5,000 images")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--device", default="auto",
+        help="where lenet's loop trains: auto (cuda if present), cpu or cuda; on a GPU the "
+        "book's DataLoader rows (a CPU comparison) are left out",
+    )  # fmt: skip
+    parser.add_argument("--amp", default="off", choices=("off", "bf16"), help="lenet's --amp")
     parser.add_argument("--task", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.task:
         kind, *rest = args.task
         quick = "quick" in rest
+        options = dict(item.split("=", 1) for item in rest if "=" in item)
         if kind == "book":
             out = task_book_loop(1 if quick else 2, int(rest[0]), quick)
         elif kind == "recipe":
             epochs = None if rest[2] == "-" else int(rest[2])
-            out = task_lenet_recipe(rest[0], rest[1], epochs, quick)
+            out = task_lenet_recipe(rest[0], rest[1], epochs, quick, **options)
         else:
-            out = task_evaluate()
+            out = task_evaluate(**options)
         out["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(out))
         return
 
     import torch
 
-    from lenet.device import configure_threads
+    from lenet.device import configure_threads, resolve_device
+    from lenet.errors import LenetError
 
+    try:
+        device = resolve_device(args.device)
+    except LenetError as exc:  # e.g. --device cuda on a machine without a GPU
+        raise SystemExit(f"train_speed: {exc}") from None
+    on_gpu = device.type == "cuda"
     q = ["quick"] if args.quick else []
+    where = [f"device={device.type}", f"amp={args.amp}"]
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.platform()}")
+    if on_gpu:
+        print(f"GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, "
         f"torch threads per run: {configure_threads(None)}"
     )
-    print(f"quick mode: {args.quick}\n")
-    results = {
-        "book_loop": run_task(["book", "0", *q]),
-        "book_loop_4_workers": run_task(["book", "4", *q]),
-        "book_recipe": run_task(["recipe", "lenet", "book", "1" if args.quick else "2", *q]),
-        "default_lenet": run_task(["recipe", "lenet", "default", "-", *q]),
-        "default_lenet_relu": run_task(["recipe", "lenet-relu", "default", "-", *q]),
-        "evaluate": run_task(["evaluate"]),
-    }
+    print(f"quick mode: {args.quick}; lenet trains on {device.type}, amp {args.amp}\n")
+    results = {}
+    if not on_gpu:
+        results["book_loop"] = run_task(["book", "0", *q])
+        results["book_loop_4_workers"] = run_task(["book", "4", *q])
+    book_epochs = "1" if args.quick else "2"
+    results["book_recipe"] = run_task(["recipe", "lenet", "book", book_epochs, *q, *where])
+    results["default_lenet"] = run_task(["recipe", "lenet", "default", "-", *q, *where])
+    results["default_lenet_relu"] = run_task(["recipe", "lenet-relu", "default", "-", *q, *where])
+    results["evaluate"] = run_task(["evaluate", f"device={device.type}"])
 
     def per_epoch(r: dict) -> tuple[float, float]:
         mean = sum(r["epoch_seconds"]) / len(r["epoch_seconds"])
@@ -208,6 +233,8 @@ def main() -> None:
         ("book_loop", "book: per-sample Dataset + DataLoader, 0 workers"),
         ("book_loop_4_workers", "book: the same with 4 workers (the book's setting)"),
     ):
+        if key not in results:
+            continue
         book_s, book_rate = per_epoch(results[key])
         print(
             f"| {label} | {book_s:.2f} | {book_rate:,.0f} | {book_s / ours_s:.2f}x | "
