@@ -320,9 +320,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'model':12} {'parameters':>10} {'MACs/image':>11}  description")
+    width = max(len("model"), *(len(row["name"]) for row in rows))
+    print(f"{'model':{width}} {'parameters':>10} {'MACs/image':>11}  description")
     for row in rows:
-        print(f"{row['name']:12} {row['parameters']:>10,} {row['macs']:>11,}  {row['summary']}")
+        line = f"{row['name']:{width}} {row['parameters']:>10,} {row['macs']:>11,}"
+        print(f"{line}  {row['summary']}")
     return 0
 
 
