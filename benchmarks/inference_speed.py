@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 import torch
+from machine import cpu_model  # noqa: E402
 
 from lenet.backends import ONNX_CHUNK, bundled_onnx, normalize, onnx_session_options
 from lenet.data import load_dataset
@@ -41,16 +42,6 @@ THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
 BATCHES = (1, 64, 10_000)
 # Batch-1 passes run over fewer images: 10,000 single calls of the slowest engine take seconds.
 SINGLE_IMAGES = 2000
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def passes(run: Callable[[], None], repeats: int = 5) -> list[float]:

@@ -20,21 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model  # noqa: E402
 from PIL import Image
 
 from lenet.data import load_dataset
 from lenet.preprocess import find_ink, load_picture, mnist_digit, preprocess
 from lenet.recognize import Recognizer
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:

@@ -37,18 +37,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import userstyle  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 from lenet.data import load_dataset  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def canvas_png(digit: np.ndarray, rng: np.random.Generator) -> bytes:

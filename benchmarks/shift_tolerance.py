@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # noqa: E402
 
 from lenet import plots
 from lenet.config import resolve_config
@@ -50,17 +51,6 @@ def shift(images: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     dst_c = slice(max(columns, 0), w - max(-columns, 0))
     out[..., dst_r, dst_c] = images[..., src_r, src_c]
     return out
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -19,18 +19,9 @@ import subprocess
 import sys
 import time
 
+from machine import cpu_model  # noqa: E402
+
 TRAIN_FLOP_PER_SAMPLE = 3 * 2 * 281_640  # forward + backward (about 2x forward) of one image
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def peak_rss_mb() -> float:
