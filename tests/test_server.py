@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from serving import lenet_serve
 
 from lenet.recognize import Recognizer
 from lenet.server import ServeSettings, create_app
@@ -350,35 +351,10 @@ def test_the_onnx_backend_serves_the_same_answers(test_digits):
             assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-4)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_cli_with_two_workers_counts_all_of_them(test_digits):
-    import subprocess
-    import sys
     import urllib.request
 
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lenet", "serve", "--port", str(port), "--workers", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{base}/readyz", timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()
-                time.sleep(0.1)
+    with lenet_serve("--workers", "2") as base:
         body = png(test_digits[0][0])
         for _ in range(6):
             request = urllib.request.Request(
@@ -388,12 +364,9 @@ def test_serve_cli_with_two_workers_counts_all_of_them(test_digits):
                 assert json_load(answer)["digit"] == test_digits[1][0]
         with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
             text = answer.read().decode()
-        # Either worker answers the scrape, and it counts the requests of both.
-        line = 'lenet_http_requests_total{method="POST",route="/v1/predict",status="200"} 6.0'
-        assert line in text
-    finally:
-        server.terminate()
-        server.wait(20)
+    # Either worker answers the scrape, and it counts the requests of both.
+    line = 'lenet_http_requests_total{method="POST",route="/v1/predict",status="200"} 6.0'
+    assert line in text
 
 
 def json_load(answer):

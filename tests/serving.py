@@ -1,0 +1,49 @@
+"""A real `lenet serve` process on a free port of 127.0.0.1, for the tests that need one."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def lenet_serve(*options: str, ready_within: float = 60.0) -> Iterator[str]:
+    """Start `python -m lenet serve OPTIONS`, wait for /readyz, yield its base URL, stop it."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenet", "serve", "--port", str(port), *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_within
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                if process.poll() is not None:
+                    raise AssertionError(f"lenet serve exited: {process.stdout.read()}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"lenet serve was not ready in {ready_within:g} s"
+                    ) from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
