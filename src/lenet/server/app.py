@@ -175,12 +175,14 @@ class Service:
                 raise Busy(f"{self.pending} requests are already waiting; retry in a moment.")
             self.pending += 1
         deadline = time.monotonic() + self.settings.timeout_s
+        too_late = Busy(f"The answer took longer than {self.settings.timeout_s:g} s; retry later.")
+        skipped = object()
 
         def job() -> Any:
             try:
                 # Work whose client has already been answered 503 is skipped, not done late.
                 if time.monotonic() > deadline:
-                    return None
+                    return skipped
                 return work(recognizer)
             finally:
                 with self.lock:
@@ -188,11 +190,12 @@ class Service:
 
         future = asyncio.wrap_future(self.pool.submit(job))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.settings.timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(future), self.settings.timeout_s)
         except asyncio.TimeoutError:
-            raise Busy(
-                f"The answer took longer than {self.settings.timeout_s:g} s; retry later."
-            ) from None
+            raise too_late from None
+        if result is skipped:
+            raise too_late
+        return result
 
 
 def _prediction_json(prediction: Prediction, include_input: bool) -> dict[str, Any]:
@@ -295,8 +298,6 @@ def create_app(
     async def answer(request: Request, make: Callable[..., Any], include_input: bool) -> Any:
         data = await read_upload(request, settings.max_upload_bytes)
         result = await service.run(make(data, include_input))
-        if result is None:  # skipped after its deadline: already too late
-            raise Busy(f"The answer took longer than {settings.timeout_s:g} s; retry later.")
         return JSONResponse(result)
 
     @app.post(
@@ -356,8 +357,6 @@ def create_app(
     async def explain_route(request: Request) -> Any:
         data = await read_upload(request, settings.max_upload_bytes)
         result = await service.run(explain_one(data))
-        if result is None:
-            raise Busy(f"The answer took longer than {settings.timeout_s:g} s; retry later.")
         return JSONResponse(result)
 
     @app.get("/v1/models", summary="The bundled models and their model cards")
