@@ -7,8 +7,14 @@ of that without changing any prediction (Guo et al., 2017).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from lenet.data import Dataset
+    from lenet.models import Normalization
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -43,3 +49,19 @@ def expected_calibration_error(
             gap = confidence[inside].double().mean() - correct[inside].mean()
             total += float(inside.double().mean() * gap.abs())
     return total
+
+
+def calibrate(model: torch.nn.Module, data: Dataset, norm: Normalization) -> dict[str, float]:
+    """Fit the softmax temperature on the validation split; report ECE before and after."""
+    from lenet.evaluation import predict_logits
+
+    logits = predict_logits(model, data.val.images, norm)
+    labels = data.val.labels
+    temperature = fit_temperature(logits, labels)
+    before = expected_calibration_error(torch.softmax(logits, 1), labels)
+    after = expected_calibration_error(torch.softmax(logits / temperature, 1), labels)
+    return {
+        "temperature": round(temperature, 5),
+        "val_ece_before_calibration": round(before, 5),
+        "val_ece_after_calibration": round(after, 5),
+    }

@@ -164,6 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true", help="print one JSON summary")
     _add_data_dir(export)
 
+    ensemble = commands.add_parser(
+        "ensemble",
+        help="combine trained weights into one ensemble (mean of calibrated probabilities)",
+        description="Combine two or more trained models into one weights file that answers "
+        "with the mean of their calibrated probabilities. The ensemble's temperature is fitted "
+        "on the validation split; it and each member are measured on the test set. The file "
+        "loads everywhere a weights file does (predict, evaluate, serve, export, Recognizer).",
+    )
+    ensemble.add_argument(
+        "members", nargs="+", metavar="WEIGHTS",
+        help="the members: .safetensors files, run folders of `lenet train`, or bundled names",
+    )  # fmt: skip
+    ensemble.add_argument("--out", required=True, help="the .safetensors file to write")
+    ensemble.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    ensemble.add_argument("--json", action="store_true", help="print one JSON summary")
+    _add_data_dir(ensemble)
+
     serve = commands.add_parser(
         "serve",
         help="the HTTP API and the drawing page (needs the serve extra)",
@@ -668,6 +685,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from lenet.ensemble import build_ensemble
+
+    result = build_ensemble(args.members, args.out, args.data_dir, args.device)
+    if args.json:
+        print(json.dumps(result.summary()))
+        return 0
+    for member in result.card["members"]:
+        print(f"member {member['weights']} ({member['model']}): test accuracy "
+              f"{member['test_accuracy']:.2%}")  # fmt: skip
+    print(
+        f"ensemble of {len(result.card['members'])}: test accuracy {result.test_accuracy:.2%} "
+        f"(error {1 - result.test_accuracy:.2%}), validation {result.card['val_accuracy']:.2%}\n"
+        f"weights: {result.path} (model card beside it)\n"
+        f"use it with: lenet predict IMAGE --weights {shlex.quote(str(result.path))}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `lenet` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -686,6 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_predict(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "ensemble":
+            return cmd_ensemble(args)
         if args.command == "report":
             return cmd_report(args)
         if args.command == "explain":

@@ -7,6 +7,7 @@ normalised as the model's ``Normalization`` says) and return (N, 10) logits.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,6 +90,41 @@ class LeNetReLU(nn.Module):
         return self.classifier(self.features(x))
 
 
+class LeNetPlus(nn.Module):
+    """LeNet's layout made as accurate as a model of its size can be (80,250 parameters).
+
+    The same two 5x5 convolutions, each followed by 2x2 max-pooling, then two linear layers, but
+    wider (16 and 32 maps; 512 features into 128 units), with BatchNorm, ReLU and dropout.
+    Width goes where it is cheap: the first layer sees a single channel, and the second works
+    on 12x12 maps, so a training step costs about three times the tutorial network's on a
+    CPU (benchmarks/results.py trains it). It stays within the 100,000 parameters that the
+    literature table calls LeNet-sized.
+    """
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, kernel_size=5, bias=False),  # (N, 16, 24, 24)
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),  # (N, 16, 12, 12)
+            nn.Conv2d(16, 32, kernel_size=5, bias=False),  # (N, 32, 8, 8)
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),  # (N, 32, 4, 4)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),  # (N, 512)
+            nn.Linear(512, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),  # the widest layer holds most weights: regularise it
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 class MLP(nn.Module):
     """A plain multilayer perceptron of LeNet's size (44,480 parameters), for comparison.
 
@@ -111,6 +147,43 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(x)
+
+
+class Ensemble(nn.Module):
+    """Several trained models answering as one: the mean of their calibrated probabilities.
+
+    The output is the log of that mean, so it behaves like logits everywhere else in lenet
+    (softmax of it is the averaged probability, argmax the ensemble's digit) and exports to
+    ONNX like any model. Each member's own fitted temperature is applied first, so an
+    overconfident member does not outvote the others. Members share one input normalisation.
+    """
+
+    def __init__(self, members: list[nn.Module], temperatures: list[float] | None = None) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        temperatures = temperatures or [1.0] * len(members)
+        # A buffer, so the temperatures are saved and loaded with the weights.
+        self.register_buffer("inverse_temperatures", torch.tensor([1.0 / t for t in temperatures]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack(
+            [
+                torch.log_softmax(member(x) * self.inverse_temperatures[i], dim=1)
+                for i, member in enumerate(self.members)
+            ]
+        )
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+
+
+# The model name written on an ensemble's card; its members' names are listed beside it.
+ENSEMBLE = "ensemble"
+
+
+def create_ensemble(member_names: list[str]) -> Ensemble:
+    """A freshly initialised ensemble of the named registered models (weights loaded later)."""
+    return Ensemble([create_model(name) for name in member_names])
 
 
 @dataclass(frozen=True)
@@ -161,6 +234,14 @@ register(
         "lenet-relu",
         LeNetReLU,
         "same shapes with BatchNorm after each convolution and ReLU",
+    )
+)
+register(
+    ModelSpec(
+        "lenet-plus",
+        LeNetPlus,
+        "LeNet's layout widened to 16 and 32 maps, BatchNorm, ReLU, dropout: the most accurate "
+        "LeNet-sized model (train it with --recipe best)",
     )
 )
 register(

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from lenet import __version__
 from lenet.atomic import write_text_atomic
 from lenet.augment import AUGMENTATIONS
-from lenet.calibration import expected_calibration_error, fit_temperature
+from lenet.calibration import calibrate
 from lenet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lenet.config import RUNTIME_FIELDS, TrainConfig, reproduce_command, validate
 from lenet.data import Dataset, Split, load_dataset
@@ -41,7 +41,7 @@ from lenet.distributed import (
     state_digest,
 )
 from lenet.errors import RunDirError, TrainingInterrupted
-from lenet.evaluation import evaluate_model, predict_logits
+from lenet.evaluation import evaluate_model
 from lenet.models import Normalization, count_macs, count_parameters, create_model, get_model_spec
 from lenet.weights import save_weights
 
@@ -538,20 +538,6 @@ def train(
         history=history,
         card=card,
     )
-
-
-def calibrate(model: torch.nn.Module, data: Dataset, norm: Normalization) -> dict[str, float]:
-    """Fit the softmax temperature on the validation split; report ECE before and after."""
-    logits = predict_logits(model, data.val.images, norm)
-    labels = data.val.labels
-    temperature = fit_temperature(logits, labels)
-    before = expected_calibration_error(torch.softmax(logits, 1), labels)
-    after = expected_calibration_error(torch.softmax(logits / temperature, 1), labels)
-    return {
-        "temperature": round(temperature, 5),
-        "val_ece_before_calibration": round(before, 5),
-        "val_ece_after_calibration": round(after, 5),
-    }
 
 
 def _interrupted(run_dir: Path, where: str) -> TrainingInterrupted:

@@ -133,18 +133,15 @@ def load_weights(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from lenet.models import create_model, get_model_spec
-
     path = resolve_weights(name_or_path)
     card = read_card(path)
-    get_model_spec(card["model"])  # a clear error for a model this version does not know
+    model = _build_for_card(card, path)
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(
             f"{path} is not a readable safetensors file ({exc}). Re-train or re-copy it."
         ) from exc
-    model = create_model(card["model"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -152,3 +149,25 @@ def load_weights(
             f"{path} does not fit the model {card['model']!r} named by its card: {exc}"
         ) from exc
     return LoadedWeights(model.to(device).eval(), card, path)
+
+
+def _build_for_card(card: dict[str, Any], path: Path) -> torch.nn.Module:
+    """A freshly initialised model of the architecture a card names (a model or an ensemble).
+
+    Unknown model names give a clear error (a model this version does not know).
+    """
+    from lenet.models import ENSEMBLE, create_ensemble, create_model, get_model_spec
+
+    if card["model"] != ENSEMBLE:
+        get_model_spec(card["model"])
+        return create_model(card["model"])
+    members = card.get("members")
+    if not isinstance(members, list) or not members:
+        raise WeightsError(
+            f"The model card {card_path(path)} describes an ensemble but lists no members. "
+            "Build it again with `lenet ensemble WEIGHTS... --out FILE`."
+        )
+    names = [str(member.get("model")) for member in members]
+    for name in names:
+        get_model_spec(name)
+    return create_ensemble(names)

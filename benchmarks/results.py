@@ -1,0 +1,302 @@
+"""The results table: every row trained with several seeds on real MNIST, beside the literature.
+
+    python benchmarks/results.py                 # train what is missing, write the README table
+    python benchmarks/results.py --rows lenet-book,lenet5     # only these rows
+    python benchmarks/results.py --list          # the rows and their commands; trains nothing
+    python benchmarks/results.py --table         # rewrite the table from the saved results
+
+Each row is one `lenet train` command run once per seed, as a separate process, exactly as a
+user would type it (the table prints that command). The ensemble row joins the seeds of the
+best single model with `lenet ensemble`. Every finished run is recorded at once in
+benchmarks/results/results.json (model card figures, the command, the machine), so an
+interrupted invocation loses at most the run it was in, and a later one trains only what is
+missing. --rerun trains recorded rows again. The Markdown table goes into README.md between
+the markers `<!-- results:start -->` and `<!-- results:end -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from machine import cpu_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "results.json"
+README = ROOT / "README.md"
+RUNS = ROOT / "runs" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a `lenet train` command (without seed and output folder)."""
+
+    key: str
+    title: str
+    args: tuple[str, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    paper: str = ""  # the published figure to compare with (../anchors: LeCun et al. 1998)
+    # For the ensemble row: the row whose runs (one per seed) are the members.
+    members_of: str | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def train_command(self, seed: int, out: Path) -> list[str]:
+        return ["lenet", "train", *self.args, "--seed", str(seed), "--out", str(out)]
+
+    def shown_command(self) -> str:
+        """The command as the table prints it (SEED stands for each seed)."""
+        if self.members_of is not None:
+            return (
+                f"lenet ensemble runs/results/{self.members_of}-s0 ... "
+                f"runs/results/{self.members_of}-s4 --out {self.key}.safetensors"
+            )
+        return shlex.join(["lenet", "train", *self.args]) + " --seed SEED"
+
+
+ROWS = (
+    Row("lenet-book", "`lenet`, the book's recipe", ("--model", "lenet", "--recipe", "book")),
+    Row("lenet-default", "`lenet`, lenet's fast default recipe", ("--model", "lenet")),
+    Row("lenet-best", "`lenet`, our best recipe", ("--model", "lenet", "--recipe", "best")),
+    Row(
+        "lenet-relu-default",
+        "`lenet-relu`, the default recipe",
+        ("--model", "lenet-relu"),
+    ),
+    Row(
+        "lenet5",
+        "`lenet5` (1998), no distortions",
+        ("--model", "lenet5"),
+        paper="0.95%",
+    ),
+    Row(
+        "lenet5-distorted",
+        "`lenet5` (1998), with distortions",
+        ("--model", "lenet5", "--augment", "affine"),
+        paper="0.80%",
+    ),
+    Row(
+        "lenet-plus-best",
+        "`lenet-plus`, the best LeNet-sized model",
+        ("--model", "lenet-plus", "--recipe", "best"),
+        seeds=(0, 1, 2, 3, 4),
+        paper="0.40% (Simard et al. 2003, elastic)",
+    ),
+    Row(
+        "lenet-plus-ensemble",
+        "ensemble of 5 `lenet-plus`",
+        (),
+        seeds=(),
+        members_of="lenet-plus-best",
+        paper="0.23% (35 CNNs, Ciresan et al. 2012)",
+    ),
+)
+
+
+def load_results() -> dict:
+    if RESULTS.is_file():
+        return json.loads(RESULTS.read_text(encoding="utf-8"))
+    return {"runs": {}}
+
+
+def save_results(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, RESULTS)  # an interrupted write never leaves half a file
+
+
+def lenet_command() -> list[str]:
+    """`lenet` from the same environment as this Python."""
+    return [sys.executable, "-m", "lenet"]
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def record(card: dict, command: str, seconds: float) -> dict:
+    """What the table needs from a finished run's model card."""
+    return {
+        "test_error": card["test_error"],
+        "test_accuracy": card["test_accuracy"],
+        "parameters": card["parameters"],
+        "train_seconds": card.get("train_seconds"),
+        "wall_seconds": round(seconds, 1),
+        "epochs": card.get("epochs_trained"),
+        "threads": card.get("threads"),
+        "device": card.get("device"),
+        "torch": card.get("torch_version"),
+        "command": command,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+
+
+def run_training(row: Row, seed: int) -> dict:
+    out = RUNS / f"{row.key}-s{seed}"
+    argv = row.train_command(seed, out)
+    print(f"[{row.key} seed {seed}] {shlex.join(argv)}", flush=True)
+    started = time.perf_counter()
+    subprocess.run([*lenet_command(), *argv[1:], "--force"], check=True)
+    card = json.loads((out / "model.json").read_text(encoding="utf-8"))
+    return record(card, shlex.join(argv), time.perf_counter() - started)
+
+
+def run_ensemble(row: Row) -> dict:
+    source = next(r for r in ROWS if r.key == row.members_of)
+    members = [str(RUNS / f"{source.key}-s{seed}") for seed in source.seeds]
+    missing = [m for m in members if not (Path(m) / "model.safetensors").is_file()]
+    if missing:
+        raise SystemExit(
+            f"{row.key}: the member runs {', '.join(missing)} are not on this machine; "
+            f"train them first: python benchmarks/results.py --rows {source.key} --rerun"
+        )
+    out = RUNS / f"{row.key}.safetensors"
+    argv = ["lenet", "ensemble", *members, "--out", str(out)]
+    print(f"[{row.key}] {shlex.join(argv)}", flush=True)
+    started = time.perf_counter()
+    subprocess.run([*lenet_command(), *argv[1:]], check=True)
+    card = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    card["epochs_trained"] = None
+    result = record(card, shlex.join(argv), time.perf_counter() - started)
+    result["members_test_error"] = [1 - m["test_accuracy"] for m in card["members"]]
+    result["members_finished"] = members_finished(load_results(), row)
+    return result
+
+
+def members_finished(results: dict, row: Row) -> list[str | None]:
+    """When each member run of an ensemble row was recorded: a retrained member makes the
+    recorded ensemble stale."""
+    source = next(r for r in ROWS if r.key == row.members_of)
+    runs = results["runs"]
+    return [runs.get(f"{source.key}-s{seed}", {}).get("finished") for seed in source.seeds]
+
+
+def row_runs(results: dict, row: Row) -> list[dict]:
+    """The recorded runs of a row (one per seed; one for an ensemble)."""
+    if row.members_of is not None:
+        return [results["runs"][row.key]] if row.key in results["runs"] else []
+    keys = (f"{row.key}-s{seed}" for seed in row.seeds)
+    return [results["runs"][k] for k in keys if k in results["runs"]]
+
+
+def percent(values: list[float]) -> str:
+    mean = statistics.fmean(values) * 100
+    if len(values) < 2:
+        return f"{mean:.2f}%"
+    return f"{mean:.2f}% ± {statistics.stdev(values) * 100:.2f}"
+
+
+def table(results: dict) -> str:
+    """The Markdown table of every row with at least one recorded run."""
+    lines = [
+        "| model | parameters | test error (mean ± sd) | seeds | paper | minutes per run "
+        "| command |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    machines = set()
+    for row in ROWS:
+        runs = row_runs(results, row)
+        if not runs:
+            continue
+        errors = [run["test_error"] for run in runs]
+        if row.members_of is not None:
+            members = runs[0]["members_test_error"]
+            seeds = f"1 ensemble of {len(members)} (members {percent(members)})"
+            minutes = "(members' training)"
+        else:
+            seeds = str(len(runs))
+            train = [run["train_seconds"] or 0 for run in runs]
+            minutes = f"{statistics.fmean(train) / 60:.1f}"
+        for run in runs:
+            m = run["machine"]
+            cores, python, torch = m["cores"], m["python"], m["torch"]
+            machines.add(f"{m['cpu']}, {cores} cores, Python {python}, torch {torch}")
+        lines.append(
+            f"| {row.title} | {runs[0]['parameters']:,} | {percent(errors)} | {seeds} "
+            f"| {row.paper or '-'} | {minutes} | `{row.shown_command()}` |"
+        )
+    footer = [
+        "",
+        "Machine: " + "; ".join(sorted(machines)) + ".",
+        "Minutes: training time per run (the model card's `train_seconds`: the epochs and "
+        "their evaluations, without loading data).",
+    ]
+    return "\n".join(lines + footer)
+
+
+def write_readme(text: str) -> None:
+    readme = README.read_text(encoding="utf-8")
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md lacks the markers {START} and {END}; add them first.")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", help="comma-separated row keys (default: all)")
+    parser.add_argument("--rerun", action="store_true", help="train recorded runs again")
+    parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    parser.add_argument("--table", action="store_true", help="only rewrite the table")
+    parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    known = {row.key: row for row in ROWS}
+    chosen = list(known) if not args.rows else args.rows.split(",")
+    unknown = [key for key in chosen if key not in known]
+    if unknown:
+        raise SystemExit(f"unknown rows {', '.join(unknown)}; known: {', '.join(known)}")
+    if args.list:
+        for key in chosen:
+            row = known[key]
+            print(f"{key}: {row.shown_command()}  (seeds {list(row.seeds) or '-'})")
+        return 0
+    results = load_results()
+    if not args.table:
+        for key in chosen:
+            row = known[key]
+            if row.members_of is not None:
+                recorded = results["runs"].get(key)
+                stale = recorded is None or recorded.get("members_finished") != (
+                    members_finished(results, row)
+                )
+                if args.rerun or stale:
+                    results["runs"][key] = run_ensemble(row)
+                    save_results(results)
+                continue
+            for seed in row.seeds:
+                run_key = f"{key}-s{seed}"
+                if args.rerun or run_key not in results["runs"]:
+                    results["runs"][run_key] = run_training(row, seed)
+                    save_results(results)
+                    if not args.no_readme:
+                        write_readme(table(results))
+    text = table(results)
+    print(text)
+    if not args.no_readme:
+        write_readme(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
