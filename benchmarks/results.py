@@ -34,7 +34,7 @@ from machine import cpu_model  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "results.json"
 README = ROOT / "README.md"
-RUNS = ROOT / "runs" / "results"
+RUNS = Path("runs") / "results"  # relative to ROOT, where every command runs
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -156,15 +156,15 @@ def run_training(row: Row, seed: int) -> dict:
     argv = row.train_command(seed, out)
     print(f"[{row.key} seed {seed}] {shlex.join(argv)}", flush=True)
     started = time.perf_counter()
-    subprocess.run([*lenet_command(), *argv[1:], "--force"], check=True)
-    card = json.loads((out / "model.json").read_text(encoding="utf-8"))
+    subprocess.run([*lenet_command(), *argv[1:], "--force"], check=True, cwd=ROOT)
+    card = json.loads((ROOT / out / "model.json").read_text(encoding="utf-8"))
     return record(card, shlex.join(argv), time.perf_counter() - started)
 
 
 def run_ensemble(row: Row) -> dict:
     source = next(r for r in ROWS if r.key == row.members_of)
     members = [str(RUNS / f"{source.key}-s{seed}") for seed in source.seeds]
-    missing = [m for m in members if not (Path(m) / "model.safetensors").is_file()]
+    missing = [m for m in members if not (ROOT / m / "model.safetensors").is_file()]
     if missing:
         raise SystemExit(
             f"{row.key}: the member runs {', '.join(missing)} are not on this machine; "
@@ -174,8 +174,8 @@ def run_ensemble(row: Row) -> dict:
     argv = ["lenet", "ensemble", *members, "--out", str(out)]
     print(f"[{row.key}] {shlex.join(argv)}", flush=True)
     started = time.perf_counter()
-    subprocess.run([*lenet_command(), *argv[1:]], check=True)
-    card = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    subprocess.run([*lenet_command(), *argv[1:]], check=True, cwd=ROOT)
+    card = json.loads((ROOT / out).with_suffix(".json").read_text(encoding="utf-8"))
     card["epochs_trained"] = None
     result = record(card, shlex.join(argv), time.perf_counter() - started)
     result["members_test_error"] = [1 - m["test_accuracy"] for m in card["members"]]
