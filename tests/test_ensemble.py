@@ -1,4 +1,4 @@
-"""Ensembles: built from real trained weights, loaded everywhere weights load, refused when unsound."""
+"""Ensembles: built from real trained weights, loaded wherever weights load, refused if unsound."""
 
 from __future__ import annotations
 
