@@ -11,6 +11,8 @@ EXPECTED_PARAMETERS = {
     "lenet": 156 + 2416 + 30840 + 10164 + 850,
     # no conv biases, BatchNorm adds a scale and shift per channel
     "lenet-relu": 150 + 12 + 2400 + 32 + 30840 + 10164 + 850,
+    # no conv biases: conv 16*25 + BN 16*2 + conv 32*16*25 + BN 32*2 + 512*128+128 + 128*10+10
+    "lenet-plus": 400 + 32 + 12800 + 64 + 65664 + 1290,
     # 784*54+54 + 54*32+32 + 32*10+10
     "mlp": 42390 + 1760 + 330,
     # C1 6*(25+1), S2 6*2, C3 60*25+16, S4 16*2, C5 120*(400+1), F6 84*(120+1); fixed RBF
