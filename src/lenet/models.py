@@ -61,21 +61,27 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+def conv_bn_relu_pool(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """A 5x5 convolution, BatchNorm, ReLU and 2x2 max-pooling: LeNet's stage, modernised.
+
+    No convolution bias: the BatchNorm shift that follows makes it redundant.
+    """
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size=5, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2, 2),
+    ]
+
+
 class LeNetReLU(nn.Module):
     """The same shapes with BatchNorm after each convolution and ReLU: trains much faster."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            # No conv bias: the BatchNorm shift that follows makes it redundant.
-            nn.Conv2d(1, 6, kernel_size=5, bias=False),  # (N, 6, 24, 24)
-            nn.BatchNorm2d(6),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2, 2),  # (N, 6, 12, 12)
-            nn.Conv2d(6, 16, kernel_size=5, bias=False),  # (N, 16, 8, 8)
-            nn.BatchNorm2d(16),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2, 2),  # (N, 16, 4, 4)
+            *conv_bn_relu_pool(1, 6),  # (N, 6, 12, 12)
+            *conv_bn_relu_pool(6, 16),  # (N, 16, 4, 4)
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (N, 256)
@@ -104,14 +110,8 @@ class LeNetPlus(nn.Module):
     def __init__(self, num_classes: int = 10, dropout: float = 0.3) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, kernel_size=5, bias=False),  # (N, 16, 24, 24)
-            nn.BatchNorm2d(16),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2, 2),  # (N, 16, 12, 12)
-            nn.Conv2d(16, 32, kernel_size=5, bias=False),  # (N, 32, 8, 8)
-            nn.BatchNorm2d(32),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2, 2),  # (N, 32, 4, 4)
+            *conv_bn_relu_pool(1, 16),  # (N, 16, 12, 12)
+            *conv_bn_relu_pool(16, 32),  # (N, 32, 4, 4)
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (N, 512)
