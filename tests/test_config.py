@@ -30,6 +30,25 @@ def test_per_model_recipe_values_apply():
     )
 
 
+def test_the_best_recipe_is_the_results_table_recipe():
+    plus = resolve_config("lenet-plus", "best")
+    assert (plus.epochs, plus.optimizer, plus.augment, plus.label_smoothing) == (
+        20,
+        "adamw",
+        "affine",
+        0.1,
+    )
+    assert plus.weight_decay == 5e-4 and plus.schedule == "onecycle"
+    tutorial = resolve_config("lenet", "best")
+    assert (tutorial.epochs, tutorial.augment, tutorial.label_smoothing) == (30, "affine", 0.0)
+    # Every recipe gives a valid config for every registered model it can train.
+    from lenet.models import MODELS
+
+    for recipe in RECIPES:
+        for model in MODELS:
+            assert resolve_config(model, recipe).recipe == recipe
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
