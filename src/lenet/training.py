@@ -190,18 +190,21 @@ class _GroupStopRequest(_StopRequest):
     restore_on_first = False
 
     def __init__(self, distributed: Distributed) -> None:
+        # Set by the signal handler only, and never cleared. A handler runs between two
+        # bytecodes, typically right after the collective below returns: had the property
+        # stored the collective's answer in this same flag, it would overwrite a Ctrl-C that
+        # arrived during the collective, and the group would train on to the end.
+        self._signalled = False
         super().__init__()
         self._group = distributed
-        self._local = False
 
     @property  # type: ignore[override]
     def requested(self) -> bool:
-        self._local = self._group.any(self._local)
-        return self._local
+        return self._group.any(self._signalled)
 
     @requested.setter
     def requested(self, value: bool) -> None:
-        self._local = value
+        self._signalled = self._signalled or value
 
 
 class _Autocast:
