@@ -183,6 +183,20 @@ def test_a_stray_dot_does_not_shrink_the_digit(digits):
     assert found.box[2] < 200  # the box stays on the digit
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_the_box_is_where_the_digit_is_in_the_original_picture(digits, fmt):
+    # 1280x960: analysed at a quarter of its size (a JPEG shrunk while decoding), and only
+    # around the strokes, so the box is mapped back through both.
+    digit = digits[0][11]
+    y, x, size = 500, 700, 240
+    page = on_paper(digit, size, (960, 1280), (y, x))
+    rows, cols = np.nonzero(np.asarray(page.convert("L")) < 128)
+    expected = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    found = preprocess(encode(page, fmt))
+    assert found.box is not None
+    assert np.abs(np.subtract(found.box, expected)).max() <= 8, (found.box, expected)
+
+
 def test_light_strokes_on_a_transparent_canvas(digits):
     digit = digits[0][10]
     rgba = np.zeros((280, 280, 4), np.uint8)

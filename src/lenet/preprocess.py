@@ -30,6 +30,8 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF")
 DEFAULT_MAX_PIXELS = 40_000_000
 # Large photos are analysed at this size at most: a digit ends up 20 pixels tall anyway.
 WORK_MAX_SIDE = 320
+# Pixels around a stroke that still belong to it: its faint anti-aliased edges.
+STROKE_MARGIN = 3
 
 ImageSource = (
     str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
@@ -228,6 +230,9 @@ class InkMap:
     ink: np.ndarray  # float32 (h, w) in [0, 1]
     mask: np.ndarray  # bool (h, w): the pixels that are surely ink
     scale: float  # working pixels per original pixel
+    # (row, column) of ink[0, 0] in the whole picture at the working scale: the maps hold
+    # only the strokes' bounding box and a margin around it.
+    origin: tuple[int, int] = (0, 0)
 
 
 def _mean3(grey: np.ndarray) -> np.ndarray:
@@ -321,10 +326,17 @@ def find_ink(picture: Picture) -> InkMap | None:
     mask = keep[labels]
     if mask.sum() < 6:
         return None
+    # The rest of the way (here, grouping the strokes, the MNIST construction) needs only the
+    # strokes and the faint edges next to them: cutting the maps to that window spares each
+    # later step a pass over the whole picture (labelling it again cost as much as decoding).
+    y0, y1, x0, x1 = bounds(mask)
+    top, left = max(y0 - STROKE_MARGIN, 0), max(x0 - STROKE_MARGIN, 0)
+    window = (slice(top, y1 + STROKE_MARGIN), slice(left, x1 + STROKE_MARGIN))
+    mask, x = mask[window], x[window]
     ink = np.where(x >= max(floor, 0.3 * threshold), x, 0.0)
     (strength,) = quantiles(ink[mask], (0.9,))
     ink = np.clip(ink / max(strength, 1e-6), 0.0, 1.0).astype(np.float32)
-    return InkMap(ink, mask, scale * picture.scale)
+    return InkMap(ink, mask, scale * picture.scale, (top, left))
 
 
 def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -332,8 +344,9 @@ def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     # Keep only ink that belongs to the kept strokes, with their faint anti-aliased edges
     # (worked out around the strokes only, not over the whole picture).
     y0, y1, x0, x1 = bounds(mask)
-    top, left = max(y0 - 3, 0), max(x0 - 3, 0)
-    mask, ink = mask[top : y1 + 3, left : x1 + 3], ink[top : y1 + 3, left : x1 + 3]
+    top, left = max(y0 - STROKE_MARGIN, 0), max(x0 - STROKE_MARGIN, 0)
+    window = (slice(top, y1 + STROKE_MARGIN), slice(left, x1 + STROKE_MARGIN))
+    mask, ink = mask[window], ink[window]
     near = ndimage.binary_dilation(mask, iterations=2)
     kept = np.where(near, ink, 0.0).astype(np.float32)
     y0, y1, x0, x1 = bounds(kept > 0)
@@ -364,10 +377,13 @@ def preprocess(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dig
         return None
     # One digit is asked for: the largest group of strokes; stray marks elsewhere are ignored.
     main = max(groups, key=np.count_nonzero)
-    return Digit(mnist_digit(found.ink, main), box_of(main, found.scale))
+    return Digit(mnist_digit(found.ink, main), box_of(main, found))
 
 
-def box_of(mask: np.ndarray, scale: float) -> tuple[int, int, int, int]:
-    """The bounding box (x0, y0, x1, y1) of ``mask`` in the original picture's pixels."""
+def box_of(mask: np.ndarray, found: InkMap) -> tuple[int, int, int, int]:
+    """The bounding box (x0, y0, x1, y1) in the original picture's pixels of ``mask``, a part
+    of ``found``'s maps."""
     y0, y1, x0, x1 = bounds(mask)
+    (top, left), scale = found.origin, found.scale
+    y0, y1, x0, x1 = y0 + top, y1 + top, x0 + left, x1 + left
     return (int(x0 / scale), int(y0 / scale), int(np.ceil(x1 / scale)), int(np.ceil(y1 / scale)))

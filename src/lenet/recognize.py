@@ -205,7 +205,7 @@ class Recognizer:
             return Reading(None, [])
         digits = []
         for part in split_digits(found.mask):
-            digits.append(Digit(mnist_digit(found.ink, part), box_of(part, found.scale)))
+            digits.append(Digit(mnist_digit(found.ink, part), box_of(part, found)))
         predictions = self.predict_digits(digits)
         sure = predictions and all(p.digit is not None for p in predictions)
         text = "".join(str(p.digit) for p in predictions) if sure else None
