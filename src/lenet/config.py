@@ -109,6 +109,12 @@ RECIPES: dict[str, Recipe] = {
             "lenet-plus": dict(
                 epochs=20, optimizer="adamw", weight_decay=5e-4, label_smoothing=0.1
             ),
+            # The paper trained 20 passes over 600,000 patterns (MNIST and 540,000 distorted
+            # copies): 200 epochs' worth. 20 epochs of distorted digits ended at 0.92% test
+            # error (3 seeds), 60 at 0.71% (seed 0). The rate stays the default recipe's:
+            # 0.01 diverges with the RBF output.
+            "lenet5": dict(epochs=60, lr=0.003),
+            "lenet5-linear": dict(epochs=60, lr=0.003),
         },
     ),
 }
