@@ -238,6 +238,11 @@ def row_runs(results: dict, row: Row) -> list[dict]:
     return [results["runs"][k] for k in keys if k in results["runs"]]
 
 
+def shared(run: dict) -> bool:
+    """Whether the run was one of several trained at a time (--jobs): one thread of many."""
+    return run.get("threads") == 1 and (run["machine"].get("cores") or 1) > 1
+
+
 def percent(values: list[float]) -> str:
     mean = statistics.fmean(values) * 100
     if len(values) < 2:
@@ -266,6 +271,8 @@ def table(results: dict) -> str:
             seeds = str(len(runs))
             train = [run["train_seconds"] or 0 for run in runs]
             minutes = f"{statistics.fmean(train) / 60:.1f}"
+            if any(shared(run) for run in runs):
+                minutes += " *"
         for run in runs:
             m = run["machine"]
             cores, python, torch = m["cores"], m["python"], m["torch"]
@@ -280,6 +287,11 @@ def table(results: dict) -> str:
         "Minutes: training time per run (the model card's `train_seconds`: the epochs and "
         "their evaluations, without loading data).",
     ]
+    if any(shared(run) for row in ROWS for run in row_runs(results, row)):
+        footer.append(
+            "\\* Seeds trained side by side (`results.py --jobs`), one thread each, sharing the "
+            "cores: longer per run than one run on all cores."
+        )
     return "\n".join(lines + footer)
 
 

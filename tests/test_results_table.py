@@ -80,3 +80,22 @@ def test_the_table_replaces_only_what_lies_between_the_markers(results, tmp_path
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="lacks the markers"):
         results.write_readme("| new |")
+
+
+def test_runs_trained_side_by_side_are_marked_and_saving_keeps_anothers_runs(
+    results, tmp_path, monkeypatch
+):
+    solo = {f"lenet5-s{i}": _run(0.01) for i in range(3)}
+    side_by_side = {f"lenet5-s{i}": dict(_run(0.01), threads=1) for i in range(3)}
+    assert "*" not in results.table({"runs": solo})
+    text = results.table({"runs": side_by_side})
+    line = next(line for line in text.splitlines() if "no distortions" in line)
+    assert "| 1.5 * |" in line and "side by side" in text
+
+    # Two invocations training different rows at once: neither loses the other's runs.
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "results.json")
+    mine = {"runs": {"lenet5-s0": _run(0.01)}}
+    results.save_results({"runs": {"lenet-book-s0": _run(0.04)}})  # the other invocation
+    results.save_results(mine)
+    assert set(results.load_results()["runs"]) == {"lenet5-s0", "lenet-book-s0"}
+    assert set(mine["runs"]) == {"lenet5-s0", "lenet-book-s0"}
