@@ -41,6 +41,10 @@ def test_the_best_recipe_is_the_results_table_recipe():
     assert plus.weight_decay == 5e-4 and plus.schedule == "onecycle"
     tutorial = resolve_config("lenet", "best")
     assert (tutorial.epochs, tutorial.augment, tutorial.label_smoothing) == (30, "affine", 0.0)
+    # The RBF network keeps its own rate: the recipe-wide 0.01 diverged.
+    for name in ("lenet5", "lenet5-linear"):
+        paper = resolve_config(name, "best")
+        assert (paper.epochs, paper.lr, paper.augment) == (60, 0.003, "affine")
     # Every recipe gives a valid config for every registered model it can train.
     from lenet.models import MODELS
 
