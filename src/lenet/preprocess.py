@@ -339,6 +339,21 @@ def find_ink(picture: Picture) -> InkMap | None:
     return InkMap(ink, mask, scale * picture.scale, (top, left))
 
 
+def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``mask`` grown by ``steps`` pixels up, down, left and right: what
+    ``ndimage.binary_dilation(mask, iterations=steps)`` gives, by array shifts that take a
+    fraction of its time on a digit-sized crop."""
+    out = mask
+    for _ in range(steps):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
 def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Fit the inked region into 20x20 (aspect kept, anti-aliased) and centre its mass in 28x28."""
     # Keep only ink that belongs to the kept strokes, with their faint anti-aliased edges
@@ -347,7 +362,7 @@ def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     top, left = max(y0 - STROKE_MARGIN, 0), max(x0 - STROKE_MARGIN, 0)
     window = (slice(top, y1 + STROKE_MARGIN), slice(left, x1 + STROKE_MARGIN))
     mask, ink = mask[window], ink[window]
-    near = ndimage.binary_dilation(mask, iterations=2)
+    near = _grow(mask, 2)
     kept = np.where(near, ink, 0.0).astype(np.float32)
     y0, y1, x0, x1 = bounds(kept > 0)
     crop = kept[y0:y1, x0:x1]
