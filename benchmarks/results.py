@@ -295,10 +295,11 @@ def table(results: dict) -> str:
         "their evaluations, without loading data).",
     ]
     if any(shared(run) for row in ROWS for run in row_runs(results, row)):
-        footer.append(
+        footer += [
+            "",
             "\\* Seeds trained side by side (`results.py --jobs`), one thread each, sharing the "
-            "cores: longer per run than one run on all cores."
-        )
+            "cores: longer per run than one run on all cores.",
+        ]
     return "\n".join(lines + footer)
 
 
