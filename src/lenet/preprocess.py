@@ -329,14 +329,20 @@ def find_ink(picture: Picture) -> InkMap | None:
     # The rest of the way (here, grouping the strokes, the MNIST construction) needs only the
     # strokes and the faint edges next to them: cutting the maps to that window spares each
     # later step a pass over the whole picture (labelling it again cost as much as decoding).
-    y0, y1, x0, x1 = bounds(mask)
-    top, left = max(y0 - STROKE_MARGIN, 0), max(x0 - STROKE_MARGIN, 0)
-    window = (slice(top, y1 + STROKE_MARGIN), slice(left, x1 + STROKE_MARGIN))
+    window, (top, left) = _around_strokes(mask)
     mask, x = mask[window], x[window]
     ink = np.where(x >= max(floor, 0.3 * threshold), x, 0.0)
     (strength,) = quantiles(ink[mask], (0.9,))
     ink = np.clip(ink / max(strength, 1e-6), 0.0, 1.0).astype(np.float32)
     return InkMap(ink, mask, scale * picture.scale, (top, left))
+
+
+def _around_strokes(mask: np.ndarray) -> tuple[tuple[slice, slice], tuple[int, int]]:
+    """The window of ``mask``'s bounding box widened by STROKE_MARGIN (cut at the picture's
+    edges), and its top-left corner."""
+    y0, y1, x0, x1 = bounds(mask)
+    top, left = max(y0 - STROKE_MARGIN, 0), max(x0 - STROKE_MARGIN, 0)
+    return (slice(top, y1 + STROKE_MARGIN), slice(left, x1 + STROKE_MARGIN)), (top, left)
 
 
 def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
@@ -358,9 +364,7 @@ def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Fit the inked region into 20x20 (aspect kept, anti-aliased) and centre its mass in 28x28."""
     # Keep only ink that belongs to the kept strokes, with their faint anti-aliased edges
     # (worked out around the strokes only, not over the whole picture).
-    y0, y1, x0, x1 = bounds(mask)
-    top, left = max(y0 - STROKE_MARGIN, 0), max(x0 - STROKE_MARGIN, 0)
-    window = (slice(top, y1 + STROKE_MARGIN), slice(left, x1 + STROKE_MARGIN))
+    window, _ = _around_strokes(mask)
     mask, ink = mask[window], ink[window]
     near = _grow(mask, 2)
     kept = np.where(near, ink, 0.0).astype(np.float32)
