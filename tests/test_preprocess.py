@@ -242,3 +242,13 @@ def test_growing_a_mask_is_scipys_dilation(height, width, density, steps, seed):
     before = mask.copy()
     assert np.array_equal(_grow(mask, steps), expected)
     assert np.array_equal(mask, before)  # the caller's mask is left as it was
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers())
+def test_extremes_of_3x3_means_are_scipys(height, width, seed):
+    from lenet.preprocess import _mean3_extremes
+
+    grey = np.random.default_rng(seed % 2**32).random((height, width), dtype=np.float32)
+    means = ndimage.uniform_filter(grey.astype(np.float64), size=3, mode="nearest")
+    assert _mean3_extremes(grey) == pytest.approx((means.min(), means.max()), abs=1e-6)

@@ -235,12 +235,22 @@ class InkMap:
     origin: tuple[int, int] = (0, 0)
 
 
-def _mean3(grey: np.ndarray) -> np.ndarray:
-    """3x3 means (edges repeated), used only for their extremes: separable sums are several
-    times faster than a generic filter on pictures this small."""
-    padded = np.pad(grey, 1, mode="edge")
-    rows = padded[:-2] + padded[1:-1] + padded[2:]
-    return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) * np.float32(1.0 / 9.0)
+def _mean3_extremes(grey: np.ndarray) -> tuple[float, float]:
+    """The lowest and highest 3x3 mean (edges repeated): where the strongest ink is, with a
+    single hot pixel averaged away. Separable sums are several times faster than a generic
+    filter on pictures this small, and the division by 9 is left to the two extremes."""
+    height, width = grey.shape
+    padded = np.empty((height + 2, width + 2), np.float32)
+    padded[1:-1, 1:-1] = grey
+    padded[0, 1:-1], padded[-1, 1:-1] = grey[0], grey[-1]
+    padded[:, 0], padded[:, -1] = padded[:, 1], padded[:, -2]
+    rows = padded[:-2] + padded[1:-1]
+    rows += padded[2:]
+    sums = rows[:, :-2] + rows[:, 1:-1]
+    sums += rows[:, 2:]
+    ninth = np.float32(1.0 / 9.0)
+    # Scaling by a positive constant keeps the order, so this is the extremes of the means.
+    return float(sums.min() * ninth), float(sums.max() * ninth)
 
 
 def find_ink(picture: Picture) -> InkMap | None:
@@ -258,9 +268,9 @@ def find_ink(picture: Picture) -> InkMap | None:
     # Polarity: the ink is the tail of the grey values farther from the typical pixel (the
     # background). A border test would be fooled by a dark desk or a scanner's black edge.
     typical = median(grey[::3, ::3])
-    smooth = _mean3(grey)
-    dark_ink = typical - float(smooth.min()) > float(smooth.max()) - typical
-    x = 1.0 - grey if dark_ink else grey.copy()
+    darkest, lightest = _mean3_extremes(grey)
+    dark_ink = typical - darkest > lightest - typical
+    x = 1.0 - grey if dark_ink else grey  # never written to in place
     frame = max(1, round(0.04 * min(height, width)))
     border = np.concatenate(
         [x[:frame].ravel(), x[-frame:].ravel(), x[:, :frame].ravel(), x[:, -frame:].ravel()]
@@ -283,7 +293,7 @@ def find_ink(picture: Picture) -> InkMap | None:
         # Even lighting: one level, that of the typical pixel (after the polarity flip).
         background = np.float32(1.0 - typical if dark_ink else typical)
         # The same strongest ink as above, read off the 3x3 means already computed.
-        extreme = 1.0 - float(smooth.min()) if dark_ink else float(smooth.max())
+        extreme = 1.0 - darkest if dark_ink else lightest
         peak = min(max(extreme - float(background), 0.0), 1.0)
     x = np.clip(x - background, 0.0, 1.0)
     # Paper grain and sensor noise: the spread of the (mostly background) pixels.
@@ -295,9 +305,14 @@ def find_ink(picture: Picture) -> InkMap | None:
         return None
     threshold = max(floor, 0.35 * peak)
     mask = x > threshold
-    labels, count = ndimage.label(mask)
-    if count == 0:
+    if not mask.any():
         return None
+    # Components are labelled only inside the box that holds every candidate pixel: on a clean
+    # page that is the digit, a fraction of the picture. Nothing outside it is ink, so no
+    # component's size, the picture edges it touches or the holes it encloses change.
+    y0, y1, x0, x1 = bounds(mask)
+    labels, count = ndimage.label(mask[y0:y1, x0:x1])
+    area = height * width
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0  # the background
     # Pure noise passes the thresholds in many scattered pieces; strokes are few and large.
@@ -307,42 +322,62 @@ def find_ink(picture: Picture) -> InkMap | None:
     # Ink touching the picture's edge is a desk, a frame or a shadow when there is ink
     # elsewhere, or when it covers much of the picture; a tightly cropped digit is alone.
     sides = np.zeros(count + 1, int)
-    for side in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        touched = np.zeros(count + 1, bool)
-        touched[side] = True
-        sides += touched
+    for side, at_edge in (
+        (labels[0], y0 == 0),
+        (labels[-1], y1 == height),
+        (labels[:, 0], x0 == 0),
+        (labels[:, -1], x1 == width),
+    ):
+        if at_edge:
+            touched = np.zeros(count + 1, bool)
+            touched[side] = True
+            sides += touched
     sides[0] = 0
     edge = sides > 0
     inside = keep & ~edge
     if inside.any() and sizes[inside].max() >= 0.2 * sizes[keep].max():
         keep &= ~edge
-    keep &= sizes < 0.35 * labels.size
+    keep &= sizes < 0.35 * area
     # A large region along the sides that encloses most of the picture is a desk around a
     # page or a frame, not a digit (a tightly cropped 0 encloses far less).
-    for label in np.flatnonzero(keep & (sides >= 3) & (sizes > 0.15 * labels.size)):
+    for label in np.flatnonzero(keep & (sides >= 3) & (sizes > 0.15 * area)):
         region = labels == label
-        if ndimage.binary_fill_holes(region).sum() - sizes[label] > 0.45 * labels.size:
+        if ndimage.binary_fill_holes(region).sum() - sizes[label] > 0.45 * area:
             keep[label] = False
-    mask = keep[labels]
-    if mask.sum() < 6:
+    kept = keep[labels]
+    if kept.sum() < 6:
         return None
     # The rest of the way (here, grouping the strokes, the MNIST construction) needs only the
     # strokes and the faint edges next to them: cutting the maps to that window spares each
     # later step a pass over the whole picture (labelling it again cost as much as decoding).
-    window, (top, left) = _around_strokes(mask)
-    mask, x = mask[window], x[window]
+    window, (top, left) = _around_strokes(kept, (y0, x0), (height, width))
+    bottom, right = window[0].stop, window[1].stop
+    # The kept strokes lie in both the labelled box and the window: copy the overlap.
+    iy0, iy1, ix0, ix1 = max(y0, top), min(y1, bottom), max(x0, left), min(x1, right)
+    mask = np.zeros((bottom - top, right - left), bool)
+    mask[iy0 - top : iy1 - top, ix0 - left : ix1 - left] = kept[
+        iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0
+    ]
+    x = x[window]
     ink = np.where(x >= max(floor, 0.3 * threshold), x, 0.0)
     (strength,) = quantiles(ink[mask], (0.9,))
     ink = np.clip(ink / max(strength, 1e-6), 0.0, 1.0).astype(np.float32)
     return InkMap(ink, mask, scale * picture.scale, (top, left))
 
 
-def _around_strokes(mask: np.ndarray) -> tuple[tuple[slice, slice], tuple[int, int]]:
-    """The window of ``mask``'s bounding box widened by STROKE_MARGIN (cut at the picture's
-    edges), and its top-left corner."""
+def _around_strokes(
+    mask: np.ndarray, origin: tuple[int, int] = (0, 0), shape: tuple[int, int] | None = None
+) -> tuple[tuple[slice, slice], tuple[int, int]]:
+    """The window of ``mask``'s bounding box widened by STROKE_MARGIN and cut at the edges of
+    the whole (``shape``; default ``mask``'s own), and its top-left corner. ``mask`` may be a
+    part of the whole whose top-left corner is at ``origin``; the window is in the whole's
+    coordinates."""
+    height, width = mask.shape if shape is None else shape
     y0, y1, x0, x1 = bounds(mask)
+    y0, y1, x0, x1 = y0 + origin[0], y1 + origin[0], x0 + origin[1], x1 + origin[1]
     top, left = max(y0 - STROKE_MARGIN, 0), max(x0 - STROKE_MARGIN, 0)
-    return (slice(top, y1 + STROKE_MARGIN), slice(left, x1 + STROKE_MARGIN)), (top, left)
+    bottom, right = min(y1 + STROKE_MARGIN, height), min(x1 + STROKE_MARGIN, width)
+    return (slice(top, bottom), slice(left, right)), (top, left)
 
 
 def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
@@ -367,7 +402,7 @@ def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     window, _ = _around_strokes(mask)
     mask, ink = mask[window], ink[window]
     near = _grow(mask, 2)
-    kept = np.where(near, ink, 0.0).astype(np.float32)
+    kept = np.where(near, ink, np.float32(0.0))
     y0, y1, x0, x1 = bounds(kept > 0)
     crop = kept[y0:y1, x0:x1]
     h, w = crop.shape
@@ -378,11 +413,30 @@ def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     field = np.zeros((28, 28), np.float32)
     top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
     field[top : top + size[1], left : left + size[0]] = small
-    if field.sum() > 0:
-        cy, cx = ndimage.center_of_mass(field)
+    total = field.sum()
+    if total > 0:
+        # The centre of mass as ndimage.center_of_mass computes it (float64 moments over a
+        # float32 total), without its generic-label overhead on a 28x28 field.
+        cy = float((field * _ROWS).sum() / total)
+        cx = float((field * _COLS).sum() / total)
         # Whole-pixel shifts, as MNIST was made: a sub-pixel shift would blur the strokes.
-        field = ndimage.shift(field, (round(14.0 - cy), round(14.0 - cx)), order=0, mode="constant")
+        field = _shifted(field, round(14.0 - cy), round(14.0 - cx))
     return np.clip(np.rint(field * 255.0), 0, 255).astype(np.uint8)
+
+
+_ROWS = np.arange(28, dtype=np.float64)[:, None]
+_COLS = np.arange(28, dtype=np.float64)[None, :]
+
+
+def _shifted(field: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``field`` moved by whole pixels, zeros coming in and what leaves the field dropped."""
+    out = np.zeros_like(field)
+    height, width = field.shape
+    if abs(dy) < height and abs(dx) < width:
+        out[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = field[
+            max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+        ]
+    return out
 
 
 def preprocess(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Digit | None:

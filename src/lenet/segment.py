@@ -61,7 +61,11 @@ def group_strokes(mask: np.ndarray) -> list[np.ndarray]:
                 last[4] += ids
                 continue
         merged.append([x0, x1, y0, y1, ids])
-    parts = [np.isin(labels, ids) for *_, ids in merged]
+    parts = []
+    for *_, ids in merged:
+        wanted = np.zeros(count + 1, bool)
+        wanted[ids] = True
+        parts.append(wanted[labels])
     heights = [y1 - y0 for _, _, y0, y1, _ in merged]
     return _join_small_parts(parts, heights)
 

@@ -8,17 +8,18 @@ import numpy as np
 def quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
     """``np.percentile``'s values (linear interpolation), for fractions ``qs`` in [0, 1].
 
-    One partial sort instead of a full one, and without np.percentile's per-call overhead, which
-    on pictures this small costs more than the work itself.
+    Without np.percentile's per-call overhead, which on pictures this small costs more than the
+    work itself. A full sort, not a partial one: NumPy's partition slows down by 10-50x when
+    most values are equal (a clean background clipped to exactly 0), while its vectorised sort
+    does not, and on the at most ~20,000 values preprocessing asks about it is as fast.
     """
-    flat = np.asarray(values).ravel()
-    last = flat.size - 1
-    positions = [q * last for q in qs]
-    lows = [int(p) for p in positions]
-    part = np.partition(flat, sorted({*lows, *(min(k + 1, last) for k in lows)}))
+    ordered = np.sort(np.asarray(values).ravel())
+    last = ordered.size - 1
     out = []
-    for position, low in zip(positions, lows):
-        a, b = float(part[low]), float(part[min(low + 1, last)])
+    for q in qs:
+        position = q * last
+        low = int(position)
+        a, b = float(ordered[low]), float(ordered[min(low + 1, last)])
         out.append(a + (b - a) * (position - low))
     return out
 
