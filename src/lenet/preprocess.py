@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
@@ -141,7 +141,9 @@ def _to_grey(image: Image.Image) -> tuple[np.ndarray, float]:
             mode = "L" if image.mode in ("L", "RGB", "YCbCr") else image.mode
             image.draft(mode, (int(image.size[0] * factor), int(image.size[1] * factor)))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        # exif_transpose copies the whole picture even when it has nothing to turn.
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         shrink = max(image.size) // WORK_MAX_SIDE
         if shrink >= 2 and image.mode in ("L", "LA", "RGB", "RGBA", "CMYK", "P"):
             image = (image.convert("RGBA") if image.mode == "P" else image).reduce(shrink)
