@@ -202,3 +202,19 @@ def test_without_matplotlib_plots_fail_at_once_with_the_install_hint(tmp_path, m
     assert not run.exists()  # refused before any training
     assert main(["report", "lenet", "--out", str(tmp_path / "r")]) == 2
     assert "pip install 'lenet[plots]'" in capsys.readouterr().err
+
+
+def test_a_run_without_validation_reports_what_it_trained_on(small_mnist, tmp_path, monkeypatch):
+    monkeypatch.setattr("lenet.training.load_dataset", lambda *args, **kwargs: small_mnist)
+    monkeypatch.setattr("lenet.data.load_dataset", lambda *args, **kwargs: small_mnist)
+    run = tmp_path / "run"
+    argv = ["train", "--model", "mlp", "--epochs", "1", "--no-validation", "--out", str(run)]
+    assert main(argv) == 0
+    assert main(["report", str(run), "--split", "val"]) == 0
+    text, page = read_page(run / "report" / "report.html")
+    # The validation images were trained on, so the page says so, shows no validation
+    # figures per epoch, and fits no temperature.
+    assert page.notes == ["seen-images"]
+    (row,) = page.tables["epochs"][1:]
+    assert row[3:5] == ["-", "-"]
+    assert "no temperature was fitted" in text

@@ -42,6 +42,26 @@ def test_a_short_run_learns_and_writes_a_complete_run_folder(small_mnist, tmp_pa
     assert state["epoch"] == 1
 
 
+def test_without_validation_the_held_out_images_are_trained_on(small_mnist, tmp_path):
+    config = resolve_config("mlp", epochs=1, validation=False, out=str(tmp_path / "run"))
+    result = train(config, dataset=small_mnist, progress=False)
+    assert result.card["train_images"] == len(small_mnist.train.labels) + len(
+        small_mnist.val.labels
+    )
+    # Nothing was held out: no validation figures and no temperature fitted on seen images.
+    assert result.val_accuracy is None and result.history[0]["val_accuracy"] is None
+    assert result.card["temperature"] is None and load_weights(result.weights).temperature == 1
+    assert result.test_accuracy > 0.85
+    assert "--no-validation" in result.card["command"]
+    held_out = train(
+        resolve_config("mlp", epochs=1, out=str(tmp_path / "held-out")),
+        dataset=small_mnist,
+        progress=False,
+    )
+    assert held_out.card["train_images"] == len(small_mnist.train.labels)
+    assert held_out.card["temperature"] is not None
+
+
 STEPS_PER_EPOCH = 12_000 // 256 + 1  # small_mnist with batch 256
 
 
@@ -171,6 +191,10 @@ def test_cli_data_info_and_models(mnist):
         (["train", "--epochs", "0"], "must be a positive whole number"),
         (["train", "--optimizer", "rmsprop"], "invalid choice"),
         (["evaluate", "missing.safetensors"], "neither a weights file nor a bundled model"),
+        (
+            ["train", "--no-validation", "--target-accuracy", "0.9"],
+            "--no-validation trains without a validation split",
+        ),
     ],
 )
 def test_cli_bad_input_gets_a_clear_message(args, message, tmp_path):

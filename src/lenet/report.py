@@ -323,14 +323,21 @@ def render_html(
         f"(error {1 - r.accuracy:.2%}), mean loss {r.loss:.4f}. Weights: "
         f"<code>{esc(str(evaluation.weights))}</code>. Written "
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>",
-        "<h2>Learning curves</h2>",
     ]
+    trained_on_val = (evaluation.card.get("config") or {}).get("validation") is False
+    if r.split in ("train", "val") and (r.split == "train" or trained_on_val):
+        parts.append(
+            f'<p class="note" id="seen-images"><b>These {r.count:,} images were trained on</b>: '
+            "the figures say how well the model fits them, not how well it reads digits it has "
+            "not seen (use the test split for that).</p>"
+        )
+    parts.append("<h2>Learning curves</h2>")
     if "learning_curves" in figures:
         parts.append(_img(figures["learning_curves"], "learning curves"))
         rows = "".join(
             f"<tr><td>{h['epoch']}</td><td>{h['train_loss']:.4f}</td>"
-            f"<td>{h['train_accuracy']:.4f}</td><td>{h['val_loss']:.4f}</td>"
-            f"<td>{h['val_accuracy']:.4f}</td></tr>"
+            f"<td>{h['train_accuracy']:.4f}</td><td>{_figure(h.get('val_loss'))}</td>"
+            f"<td>{_figure(h.get('val_accuracy'))}</td></tr>"
             for h in source.history or []
         )
         parts.append(
@@ -379,12 +386,18 @@ def render_html(
         "</table>",
     ]
     ece = _ece_pair(evaluation)
+    if evaluation.card.get("temperature") is None:
+        calibrated = "no temperature was fitted: the model was trained without a validation split"
+    else:
+        calibrated = (
+            f"{ece[1]:.4f} with the temperature T = {evaluation.temperature:.4g} fitted on the "
+            "validation split when training ended"
+        )
     parts += [
         "<h2>Calibration</h2>",
         f"<p>Expected calibration error on this split (15 bins): {ece[0]:.4f} with the plain "
-        f"softmax, {ece[1]:.4f} with the temperature T = {evaluation.temperature:.4g} fitted on "
-        "the validation split when training ended. On the diagonal, a confidence of p is right "
-        "a fraction p of the time.</p>",
+        f"softmax; {calibrated}. On the diagonal, a confidence of p is right a fraction p of "
+        "the time.</p>",
         _img(figures["reliability"], "reliability diagram"),
         "<h2>Model card</h2>",
         '<table class="card" id="card"><tr><th>field</th><th>value</th></tr>',
@@ -396,6 +409,11 @@ def render_html(
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _figure(value: float | None) -> str:
+    """A per-epoch figure for the table; a dash where there is none (no validation split)."""
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _ece_pair(evaluation: Evaluation) -> tuple[float, float]:
