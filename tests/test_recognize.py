@@ -146,7 +146,7 @@ def test_predict_cli_multi_and_table(test_digits, tmp_path):
 
 def test_touching_digits_are_separated_where_they_can_be(recognizer, test_digits):
     images, labels = test_digits
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(4)
     counted = exact = 0
     for _ in range(40):
         chosen = rng.choice(len(images), 2)
@@ -156,7 +156,39 @@ def test_touching_digits_are_separated_where_they_can_be(recognizer, test_digits
         exact += "".join(str(d.best_guess) for d in reading.digits) == "".join(
             str(labels[i]) for i in chosen
         )
-    assert counted >= 34 and exact >= 28  # measured: 37 and 31 of 40
+    # Measured: 37 and 37 of 40; 29 and 29 before blobs of one to 1.4 digit heights were
+    # offered to the model as one digit or two.
+    assert counted >= 35 and exact >= 34
+
+
+def test_a_single_wide_digit_is_not_read_as_two(recognizer, test_digits):
+    images, labels = test_digits
+    rng = np.random.default_rng(11)
+    one = 0
+    for k in range(200):
+        i = int(rng.integers(0, len(images)))
+        style = ("paper-jpeg", "canvas", "board")[k % 3]
+        one += len(recognizer.read(userstyle.STYLES[style](images[i], rng)).digits) == 1
+    assert one >= 196  # measured: 198 of 200
+
+
+def test_a_blob_is_offered_in_two_only_when_it_may_be_two_digits():
+    from lenet.segment import split_in_two
+
+    def blob(width: int) -> np.ndarray:
+        part = np.zeros((40, 80), bool)
+        part[5:35, 10 : 10 + width] = True  # 30 rows tall
+        part[5:35, 10 + width // 2] = False  # a thin column in the middle...
+        part[20, 10 + width // 2] = True  # ...bridged by one pixel: two touching strokes
+        return part
+
+    assert split_in_two(blob(18), 30) is None  # narrower than the line's digits are tall
+    assert split_in_two(blob(50), 30) is None  # wide enough for split_digits to cut it
+    part = blob(36)
+    left, right = split_in_two(part, 30)
+    assert np.array_equal(left | right, part) and not (left & right).any()
+    # Cut at the thin column: everything left of it in one half, the rest in the other.
+    assert left[:, 10:28].sum() == part[:, 10:28].sum() and not left[:, 29:].any()
 
 
 def test_typed_digits_in_plain_and_handwriting_like_fonts(recognizer):

@@ -21,7 +21,7 @@ from lenet.preprocess import (
     mnist_digit,
     preprocess,
 )
-from lenet.segment import split_digits
+from lenet.segment import digit_height, split_digits, split_in_two
 
 # torch is imported only by the torch backend: a serving install with onnxruntime has none.
 if TYPE_CHECKING:
@@ -203,9 +203,21 @@ class Recognizer:
         found = find_ink(load_picture(image, self.max_pixels))
         if found is None:
             return Reading(None, [])
+        parts = split_digits(found.mask)
+        height = digit_height(parts) if parts else 0.0
         digits = []
-        for part in split_digits(found.mask):
-            digits.append(Digit(mnist_digit(found.ink, part), box_of(part, found)))
+        for part in parts:
+            whole = Digit(mnist_digit(found.ink, part), box_of(part, found))
+            halves = split_in_two(part, height)
+            if halves is not None:
+                pieces = [Digit(mnist_digit(found.ink, h), box_of(h, found)) for h in halves]
+                best = self.probabilities([whole.image, *(p.image for p in pieces)]).max(axis=1)
+                # One wide digit or two touching ones: the reading the model finds more
+                # probable (two digits must each be likely for their product to win).
+                if best[1] * best[2] > best[0]:
+                    digits += pieces
+                    continue
+            digits.append(whole)
         predictions = self.predict_digits(digits)
         sure = predictions and all(p.digit is not None for p in predictions)
         text = "".join(str(p.digit) for p in predictions) if sure else None
