@@ -1,6 +1,6 @@
 """How well the bundled model reads pictures like users send: the figures in the README.
 
-    python benchmarks/recognition_accuracy.py [--weights NAME|FILE] [--per-style 500]
+    python benchmarks/recognition_accuracy.py [--weights NAME|FILE] [--per-style 500] [--lines 500]
 
 Pictures are built from MNIST *test* digits by tests/userstyle.py (the same generator the
 tests use, with other seeds): paper photos as JPEG and PNG, canvas exports with transparency,
@@ -36,6 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="bundled model name or .safetensors (default: best)")
     parser.add_argument("--per-style", type=int, default=500)
+    parser.add_argument(
+        "--lines", type=int, default=500, help="numbers, and touching pairs, to read"
+    )
     args = parser.parse_args()
     data = load_dataset("mnist")
     images, labels = data.test.images[:, 0].numpy(), data.test.labels.numpy()
@@ -53,21 +56,24 @@ def main() -> None:
 
     rng = np.random.default_rng(100)
     exact = total = 0
-    for _ in range(100):
+    for _ in range(args.lines):
         chosen = rng.choice(len(images), int(rng.integers(2, 7)))
         reading = reader.read(userstyle.number_line([images[i] for i in chosen], rng))
         exact += reading.text == "".join(str(labels[i]) for i in chosen)
         total += 1
     print(f"| numbers of 2-6 digits on paper, read exactly | {exact / total:.1%} | | |")
     exact = split = 0
-    for _ in range(100):
+    for _ in range(args.lines):
         chosen = rng.choice(len(images), 2)
         reading = reader.read(userstyle.number_line([images[i] for i in chosen], rng, True))
         split += len(reading.digits) == 2
         exact += "".join(str(d.best_guess) for d in reading.digits) == "".join(
             str(labels[i]) for i in chosen
         )
-    print(f"| pairs of touching digits, read exactly (split in two: {split}%) | {exact}% | | |")
+    print(
+        f"| pairs of touching digits, read exactly (split in two: {split / args.lines:.1%}) "
+        f"| {exact / args.lines:.1%} | | |"
+    )
 
     correct = total = 0
     for name, path in userstyle.FONTS.items():
