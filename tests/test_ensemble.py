@@ -134,6 +134,14 @@ def test_unsound_ensembles_are_refused_with_a_reason(members, ensemble, tmp_path
     with pytest.raises(WeightsError, match="same question"):
         build_ensemble([members[0], other], tmp_path / "mixed.safetensors")
 
+    # A member trained on the validation split too would make the ensemble's temperature and
+    # validation accuracy figures of images it has seen.
+    card = json.loads(members[1].with_suffix(".json").read_text())
+    card["config"]["validation"] = False
+    other.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="trained with --no-validation"):
+        build_ensemble([members[0], other], tmp_path / "seen.safetensors")
+
     done = _lenet("ensemble", str(members[0]), "--out", str(tmp_path / "x.safetensors"))
     assert done.returncode == 2 and "at least two members" in done.stderr
 

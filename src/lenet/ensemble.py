@@ -84,6 +84,13 @@ def check_compatible(members: Sequence[LoadedWeights]) -> None:
                     f"on {first.card.get(key)!r}: an ensemble's members must answer the same "
                     "question. Leave one of them out."
                 )
+        if (other.card.get("config") or {}).get("validation") is False:
+            raise WeightsError(
+                f"{other.path} was trained with --no-validation, on the validation split too; "
+                "an ensemble fits its temperature and reports its validation accuracy on that "
+                "split, which would then be images a member has seen. Use members trained with "
+                "the validation split held out (the default)."
+            )
         a, b = first.normalization, other.normalization
         if abs(a.mean - b.mean) > NORMALIZATION_TOLERANCE or abs(a.std - b.std) > (
             NORMALIZATION_TOLERANCE

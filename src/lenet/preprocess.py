@@ -404,7 +404,7 @@ def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     window, _ = _around_strokes(mask)
     mask, ink = mask[window], ink[window]
     near = _grow(mask, 2)
-    kept = np.where(near, ink, np.float32(0.0))
+    kept = np.where(near, ink, np.float32(0.0)).astype(np.float32, copy=False)  # Pillow's "F"
     y0, y1, x0, x1 = bounds(kept > 0)
     crop = kept[y0:y1, x0:x1]
     h, w = crop.shape
