@@ -145,7 +145,12 @@ def evaluation_figures(evaluation: Evaluation, out: str | os.PathLike[str]) -> d
         "reliability": plots.reliability_diagram(
             {
                 "softmax (T = 1)": evaluation.probabilities(calibrated=False),
-                f"calibrated (T = {evaluation.temperature:.3g})": evaluation.probabilities(),
+                # A model trained without a validation split has no temperature to show.
+                **(
+                    {f"calibrated (T = {evaluation.temperature:.3g})": evaluation.probabilities()}
+                    if evaluation.card.get("temperature") is not None
+                    else {}
+                ),
             },
             evaluation.labels,
             out / FIGURES["reliability"],
