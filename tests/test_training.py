@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lenet.checkpoint import CHECKPOINT_NAME
 from lenet.config import resolve_config
 from lenet.errors import RunDirError
-from lenet.evaluation import evaluate_model
+from lenet.evaluation import evaluate, evaluate_model
 from lenet.training import TrainingInterrupted, train
 from lenet.weights import load_weights
 
@@ -53,6 +53,9 @@ def test_without_validation_the_held_out_images_are_trained_on(small_mnist, tmp_
     assert result.card["temperature"] is None and load_weights(result.weights).temperature == 1
     assert result.test_accuracy > 0.85
     assert "--no-validation" in result.card["command"]
+    # Evaluating on the images it was trained on says so (`lenet evaluate` prints a note).
+    assert evaluate(result.weights, split="val").trained_on
+    assert not evaluate(result.weights, split="test").trained_on
     held_out = train(
         resolve_config("mlp", epochs=1, out=str(tmp_path / "held-out")),
         dataset=small_mnist,

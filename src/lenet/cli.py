@@ -472,6 +472,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"(error {1 - result.accuracy:.2%}), loss {result.loss:.4f}, "
         f"{result.count:,} images in {result.seconds:.2f} s\n"
     )
+    if result.trained_on:
+        print(
+            f"note: the model was trained on these {result.count:,} images: this says how well "
+            "it fits them, not how well it reads digits it has not seen (use --split test).\n"
+        )
     print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>7}")
     for name, p, r, f in zip(result.classes, result.precision, result.recall, result.f1):
         print(f"{name:>12} {p:9.4f} {r:7.4f} {f:7.4f}")

@@ -28,6 +28,9 @@ class EvalResult:
     dataset: str = ""
     split: str = ""
     classes: tuple[str, ...] = tuple(str(d) for d in range(10))
+    # The model saw these images in training (the train split, or val after --no-validation):
+    # the figures then say how well it fits them, not how well it reads unseen digits.
+    trained_on: bool = False
 
     @property
     def precision(self) -> list[float]:
@@ -61,7 +64,15 @@ class EvalResult:
             "f1": self.f1,
             "confusion": self.confusion.tolist(),
             "seconds": round(self.seconds, 4),
+            "trained_on": self.trained_on,
         }
+
+
+def trained_on(card: dict[str, Any], split: str) -> bool:
+    """Whether the model whose card this is was trained on the images of ``split``."""
+    if split == "train":
+        return True
+    return split == "val" and (card.get("config") or {}).get("validation") is False
 
 
 @torch.inference_mode()
@@ -129,4 +140,7 @@ def evaluate(
     part = load_dataset(dataset, data_dir).split(split)
     result = evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)
     classes = tuple(loaded.card.get("classes") or result.classes)
-    return replace(result, model=loaded.name, dataset=dataset, split=split, classes=classes)
+    seen = trained_on(loaded.card, split)
+    return replace(
+        result, model=loaded.name, dataset=dataset, split=split, classes=classes, trained_on=seen
+    )

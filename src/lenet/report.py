@@ -21,7 +21,7 @@ import torch
 from lenet.atomic import write_text_atomic
 from lenet.data import Dataset
 from lenet.errors import LenetError, RunDirError
-from lenet.evaluation import EvalResult, evaluate_model, predict_logits
+from lenet.evaluation import EvalResult, evaluate_model, predict_logits, trained_on
 from lenet.training import METRICS_NAME, WEIGHTS_NAME
 
 REPORT_NAME = "report.html"
@@ -87,7 +87,10 @@ def evaluate_split(
     part = data.split(split)
     result = evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)
     classes = tuple(loaded.card.get("classes") or result.classes)
-    result = replace(result, model=loaded.name, dataset=dataset, split=split, classes=classes)
+    seen = trained_on(loaded.card, split)
+    result = replace(
+        result, model=loaded.name, dataset=dataset, split=split, classes=classes, trained_on=seen
+    )
     logits = predict_logits(loaded.model, part.images, loaded.normalization)
     return Evaluation(
         result=result,
@@ -329,8 +332,7 @@ def render_html(
         f"<code>{esc(str(evaluation.weights))}</code>. Written "
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>",
     ]
-    trained_on_val = (evaluation.card.get("config") or {}).get("validation") is False
-    if r.split in ("train", "val") and (r.split == "train" or trained_on_val):
+    if r.trained_on:
         parts.append(
             f'<p class="note" id="seen-images"><b>These {r.count:,} images were trained on</b>: '
             "the figures say how well the model fits them, not how well it reads digits it has "
