@@ -3,8 +3,8 @@
     python benchmarks/predict_speed.py
 
 Prints the machine, versions, and per stage the median time for one 640x480 JPEG of a
-handwritten digit on paper (decode, preprocess, model) on one thread, end to end with the torch
-and the onnx backend, then files per second
+handwritten digit on paper (decode, preprocess, model) on one thread, end to end with `lenet
+predict`'s default backend and with each of torch and onnx, then files per second
 for the 10,000 MNIST test images written as PNG files and read back with `lenet predict`'s
 code path (one thread and all threads).
 """
@@ -24,6 +24,7 @@ import torch
 from machine import cpu_model  # noqa: E402
 from PIL import Image
 
+from lenet.backends import command_line_backend
 from lenet.data import load_dataset
 from lenet.preprocess import find_ink, load_picture, mnist_digit, preprocess
 from lenet.recognize import Recognizer
@@ -57,8 +58,11 @@ def main() -> None:
     print(f"python {platform.python_version()}, torch {torch.__version__}")
     data = load_dataset("mnist")
     images, labels = data.test.images[:, 0].numpy(), data.test.labels.numpy()
-    recognizer = Recognizer.load()
-    print(f"model: bundled {recognizer.name}\n")
+    backend = command_line_backend(None, "auto")  # what `lenet predict` runs
+    recognizer = Recognizer.load(backend=backend)
+    print(
+        f"model: bundled {recognizer.name}; `lenet predict` runs it on {recognizer.backend_name}\n"
+    )
 
     torch.set_num_threads(1)
     jpeg = photo(images[0], np.random.default_rng(0))
@@ -76,12 +80,14 @@ def main() -> None:
         "model (calibrated probabilities)": lambda: recognizer.probabilities([digit.image]),
         "**total: Recognizer.predict(bytes)**": lambda: recognizer.predict(jpeg),
     }
-    try:
-        onnx = Recognizer.load(backend="onnx", threads=1)
-        # The same pipeline; only the model step runs in onnxruntime (the export extra).
-        stages["**total with the onnx backend**"] = lambda: onnx.predict(jpeg)
-    except Exception as exc:  # not installed, or no bundled export: say so and go on
-        print(f"(onnx backend not measured: {exc})\n")
+    # The same pipeline with the model step on each backend in turn.
+    for backend in ("torch", "onnx"):
+        try:
+            other = Recognizer.load(backend=backend, threads=1)
+        except Exception as exc:  # not installed, or no bundled export: say so and go on
+            print(f"({backend} backend not measured: {exc})\n")
+            continue
+        stages[f"**total with the {backend} backend**"] = lambda r=other: r.predict(jpeg)
     for name, fn in stages.items():
         print(f"| {name} | {median_ms(fn):.2f} |")
 
@@ -94,11 +100,12 @@ def main() -> None:
             Image.fromarray(image).save(path)
             paths.append(path)
         for threads in (1, os.cpu_count() or 1):
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # the torch backend's threads; onnx's are below
+            reader = Recognizer.load(backend=backend, threads=threads)
             started = time.perf_counter()
             answers = []
             for start in range(0, len(paths), 500):
-                answers += recognizer.predict_batch(paths[start : start + 500])
+                answers += reader.predict_batch(paths[start : start + 500])
             seconds = time.perf_counter() - started
             accuracy = np.mean([a.best_guess == y for a, y in zip(answers, labels)])
             print(f"| {threads} | {len(paths) / seconds:,.0f} | {accuracy:.2%} |")

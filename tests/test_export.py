@@ -85,6 +85,19 @@ def readers():
     )
 
 
+def test_the_commands_run_bundled_models_on_onnxruntime_and_the_api_on_torch(tmp_path):
+    from lenet.backends import command_line_backend
+
+    # `lenet predict` and `lenet serve`: onnxruntime (installed here) for what has an export.
+    for exported in (None, "lenet", "lenet-relu", str(tmp_path / "model.onnx")):
+        assert command_line_backend(exported, "auto") == "onnx"
+    # A .safetensors file of one's own has no export; an explicit choice is kept.
+    assert command_line_backend(str(tmp_path / "mine.safetensors"), "auto") == "auto"
+    assert command_line_backend("lenet", "torch") == "torch"
+    # The Python API's auto keeps the PyTorch model at hand.
+    assert Recognizer.load().backend_name == "torch"
+
+
 def test_onnx_backend_answers_user_pictures_like_torch(readers, mnist):
     torch_reader, onnx_reader = readers
     assert onnx_reader.backend_name == "onnx" and torch_reader.backend_name == "torch"

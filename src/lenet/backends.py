@@ -258,6 +258,21 @@ def choose_backend(name_or_path: str | os.PathLike[str] | None, backend: str = "
     return backend
 
 
+def command_line_backend(name_or_path: str | os.PathLike[str] | None, backend: str) -> str:
+    """The backend `lenet predict` and `lenet serve` run: their ``auto`` prefers onnxruntime
+    where it is installed and the model has an ONNX export (the bundled ones do): the same
+    answers, the model part several times faster for a picture at a time. The Python API's
+    ``auto`` stays torch, whose Recognizer hands out the PyTorch model."""
+    if backend != "auto":
+        return backend
+    exported = (
+        name_or_path is None
+        or str(name_or_path) in bundled_onnx()
+        or Path(name_or_path).suffix == ".onnx"
+    )
+    return "onnx" if exported and importlib.util.find_spec("onnxruntime") else "auto"
+
+
 def load_backend(
     name_or_path: str | os.PathLike[str] | None = None,
     backend: str = "auto",

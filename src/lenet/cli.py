@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--backend", choices=("auto", "torch", "onnx"), default="auto",
         help="run the model on PyTorch or onnxruntime (a bundled name loads its bundled .onnx; "
-        "--weights may be a .onnx file from `lenet export`); auto: onnx for a .onnx file or "
-        "when torch is not installed, else torch",
+        "--weights may be a .onnx file from `lenet export`); auto: onnxruntime when it is "
+        "installed and the model has an ONNX export (the bundled ones do), else torch",
     )  # fmt: skip
 
     export = commands.add_parser(
@@ -554,11 +554,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
+    from lenet.backends import command_line_backend
     from lenet.errors import ImageError
     from lenet.recognize import NO_DIGIT, UNSURE_BELOW, Recognizer
 
     recognizer = Recognizer.load(
-        args.weights, unsure_below=args.unsure_below or UNSURE_BELOW, backend=args.backend
+        args.weights,
+        unsure_below=args.unsure_below or UNSURE_BELOW,
+        backend=command_line_backend(args.weights, args.backend),
     )
     files = _expand(args.paths)
     if not files:

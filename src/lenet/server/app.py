@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.resources
-import importlib.util
 import io
 import logging
 import os
@@ -79,16 +78,10 @@ class ServeSettings:
 
 
 def serving_backend(settings: ServeSettings) -> str:
-    """The backend to serve with: ``auto`` prefers onnxruntime where it is installed and the
-    model has an ONNX export (the bundled ones do): the same answers, the model part several
-    times faster for one picture at a time."""
-    if settings.backend != "auto":
-        return settings.backend
-    from lenet.backends import bundled_onnx
+    """The backend to serve with: ``auto`` as for every command (``command_line_backend``)."""
+    from lenet.backends import command_line_backend
 
-    weights = settings.weights
-    exported = weights is None or str(weights) in bundled_onnx() or str(weights).endswith(".onnx")
-    return "onnx" if exported and importlib.util.find_spec("onnxruntime") else "auto"
+    return command_line_backend(settings.weights, settings.backend)
 
 
 class NotAvailable(LenetError):
