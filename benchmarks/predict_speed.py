@@ -81,13 +81,13 @@ def main() -> None:
         "**total: Recognizer.predict(bytes)**": lambda: recognizer.predict(jpeg),
     }
     # The same pipeline with the model step on each backend in turn.
-    for backend in ("torch", "onnx"):
+    for each in ("torch", "onnx"):
         try:
-            other = Recognizer.load(backend=backend, threads=1)
+            other = Recognizer.load(backend=each, threads=1)
         except Exception as exc:  # not installed, or no bundled export: say so and go on
-            print(f"({backend} backend not measured: {exc})\n")
+            print(f"({each} backend not measured: {exc})\n")
             continue
-        stages[f"**total with the {backend} backend**"] = lambda r=other: r.predict(jpeg)
+        stages[f"**total with the {each} backend**"] = lambda r=other: r.predict(jpeg)
     for name, fn in stages.items():
         print(f"| {name} | {median_ms(fn):.2f} |")
 

@@ -51,6 +51,10 @@ def expected_calibration_error(
     return total
 
 
+# What `calibrate` writes on a model card.
+CARD_FIELDS = ("temperature", "val_ece_before_calibration", "val_ece_after_calibration")
+
+
 def calibrate(model: torch.nn.Module, data: Dataset, norm: Normalization) -> dict[str, float]:
     """Fit the softmax temperature on the validation split; report ECE before and after."""
     from lenet.evaluation import predict_logits
@@ -60,8 +64,10 @@ def calibrate(model: torch.nn.Module, data: Dataset, norm: Normalization) -> dic
     temperature = fit_temperature(logits, labels)
     before = expected_calibration_error(torch.softmax(logits, 1), labels)
     after = expected_calibration_error(torch.softmax(logits / temperature, 1), labels)
-    return {
-        "temperature": round(temperature, 5),
-        "val_ece_before_calibration": round(before, 5),
-        "val_ece_after_calibration": round(after, 5),
-    }
+    return dict(zip(CARD_FIELDS, (round(temperature, 5), round(before, 5), round(after, 5))))
+
+
+def uncalibrated() -> dict[str, None]:
+    """The card's calibration fields for a model with nothing held out to fit them on: the
+    probabilities stay the softmax's own (temperature 1)."""
+    return dict.fromkeys(CARD_FIELDS)

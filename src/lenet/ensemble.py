@@ -25,7 +25,7 @@ from lenet.calibration import calibrate
 from lenet.data import load_dataset
 from lenet.device import resolve_device
 from lenet.errors import WeightsError
-from lenet.evaluation import evaluate_model
+from lenet.evaluation import evaluate_model, trained_on
 from lenet.models import ENSEMBLE, Ensemble, count_macs, count_parameters
 from lenet.weights import LoadedWeights, load_weights, save_weights
 
@@ -84,7 +84,7 @@ def check_compatible(members: Sequence[LoadedWeights]) -> None:
                     f"on {first.card.get(key)!r}: an ensemble's members must answer the same "
                     "question. Leave one of them out."
                 )
-        if (other.card.get("config") or {}).get("validation") is False:
+        if trained_on(other.card, "val"):
             raise WeightsError(
                 f"{other.path} was trained with --no-validation, on the validation split too; "
                 "an ensemble fits its temperature and reports its validation accuracy on that "

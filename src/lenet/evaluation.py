@@ -75,6 +75,20 @@ def trained_on(card: dict[str, Any], split: str) -> bool:
     return split == "val" and (card.get("config") or {}).get("validation") is False
 
 
+def described(
+    result: EvalResult, name: str, card: dict[str, Any], dataset: str, split: str
+) -> EvalResult:
+    """``result`` with what was evaluated filled in from the model's name and card."""
+    return replace(
+        result,
+        model=name,
+        dataset=dataset,
+        split=split,
+        classes=tuple(card.get("classes") or result.classes),
+        trained_on=trained_on(card, split),
+    )
+
+
 @torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module,
@@ -139,8 +153,4 @@ def evaluate(
     dataset = dataset or loaded.card.get("dataset", "mnist")
     part = load_dataset(dataset, data_dir).split(split)
     result = evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)
-    classes = tuple(loaded.card.get("classes") or result.classes)
-    seen = trained_on(loaded.card, split)
-    return replace(
-        result, model=loaded.name, dataset=dataset, split=split, classes=classes, trained_on=seen
-    )
+    return described(result, loaded.name, loaded.card, dataset, split)

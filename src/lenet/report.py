@@ -10,7 +10,7 @@ import base64
 import html
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import torch
 from lenet.atomic import write_text_atomic
 from lenet.data import Dataset
 from lenet.errors import LenetError, RunDirError
-from lenet.evaluation import EvalResult, evaluate_model, predict_logits, trained_on
+from lenet.evaluation import EvalResult, described, evaluate_model, predict_logits
 from lenet.training import METRICS_NAME, WEIGHTS_NAME
 
 REPORT_NAME = "report.html"
@@ -46,6 +46,11 @@ class Evaluation:
     temperature: float  # the card's calibration temperature (1.0 when never fitted)
     card: dict[str, Any]
     weights: Path
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether a temperature was fitted (not for a model trained without validation)."""
+        return self.card.get("temperature") is not None
 
     def probabilities(self, calibrated: bool = True) -> np.ndarray:
         """Softmax of the logits, divided by the card's temperature when ``calibrated``."""
@@ -86,11 +91,7 @@ def evaluate_split(
         data = load_dataset(dataset, data_dir)
     part = data.split(split)
     result = evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)
-    classes = tuple(loaded.card.get("classes") or result.classes)
-    seen = trained_on(loaded.card, split)
-    result = replace(
-        result, model=loaded.name, dataset=dataset, split=split, classes=classes, trained_on=seen
-    )
+    result = described(result, loaded.name, loaded.card, dataset, split)
     logits = predict_logits(loaded.model, part.images, loaded.normalization)
     return Evaluation(
         result=result,
@@ -151,7 +152,7 @@ def evaluation_figures(evaluation: Evaluation, out: str | os.PathLike[str]) -> d
                 # A model trained without a validation split has no temperature to show.
                 **(
                     {f"calibrated (T = {evaluation.temperature:.3g})": evaluation.probabilities()}
-                    if evaluation.card.get("temperature") is not None
+                    if evaluation.calibrated
                     else {}
                 ),
             },
@@ -393,7 +394,7 @@ def render_html(
         "</table>",
     ]
     ece = _ece_pair(evaluation)
-    if evaluation.card.get("temperature") is None:
+    if not evaluation.calibrated:
         calibrated = "no temperature was fitted: the model was trained without a validation split"
     else:
         calibrated = (

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from lenet import __version__
 from lenet.atomic import write_text_atomic
 from lenet.augment import AUGMENTATIONS
-from lenet.calibration import calibrate
+from lenet.calibration import calibrate, uncalibrated
 from lenet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lenet.config import RUNTIME_FIELDS, TrainConfig, reproduce_command, validate
 from lenet.data import Dataset, Split, load_dataset
@@ -504,15 +504,11 @@ def train(
     test = on_main(
         distributed, lambda: evaluate_model(model, data.test.images, data.test.labels, norm)
     )
-    # Without a validation split there is nothing unseen to fit the temperature on: the
-    # probabilities stay the softmax's own (temperature 1).
-    uncalibrated = dict.fromkeys(
-        ("temperature", "val_ece_before_calibration", "val_ece_after_calibration")
-    )
+    # Without a validation split there is nothing unseen to fit the temperature on.
     calibration = (
         on_main(distributed, lambda: calibrate(model, data, norm))
         if config.validation
-        else uncalibrated
+        else uncalibrated()
     )
     epochs_done = len(history)
     step_seconds = sum(h["epoch_seconds"] for h in history)
