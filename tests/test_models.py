@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from lenet.errors import ConfigError
-from lenet.models import MODELS, count_macs, count_parameters, create_model
+from lenet.models import MODELS, TrainingView, count_macs, count_parameters, create_model
 
 # Declared sizes, worked out by hand from the layer shapes.
 EXPECTED_PARAMETERS = {
@@ -83,3 +85,34 @@ def test_macs_match_the_layer_arithmetic():
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(ConfigError, match="Known models: lenet, lenet-relu"):
         create_model("alexnet")
+
+
+@pytest.mark.parametrize("name", ["lenet", "lenet-relu"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_training_forward_gives_forwards_outputs_gradients_and_statistics(name, layout):
+    torch.manual_seed(2)
+    model = create_model(name).to(memory_format=layout).train()
+    with torch.no_grad():  # a negative BatchNorm scale: pooling must not move before it
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight[0] = -1.5
+    twin = copy.deepcopy(model)
+    # Large inputs saturate sigmoids (ties under max-pooling) and spread the pre-activations.
+    x = (torch.randn(16, 1, 28, 28) * 4).contiguous(memory_format=layout)
+
+    expected = model(x)
+    got = TrainingView(twin)(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    for (where, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=where)
+    for (where, b), c in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(c, b, msg=where)  # BatchNorm's running statistics
+
+
+def test_training_view_of_a_model_without_a_training_forward_is_the_model():
+    torch.manual_seed(0)
+    model = create_model("mlp")
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(TrainingView(model)(x), model(x))

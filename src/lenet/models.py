@@ -60,6 +60,26 @@ class LeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward``'s outputs and gradients for less work: what training steps run.
+
+        The sigmoid is increasing, so the largest of four sigmoids is the sigmoid of the
+        largest input: pooling before the sigmoid gives the same maps with a quarter of the
+        sigmoid work, forward and backward. ``forward`` keeps the tutorial's order, which is
+        what exports, hooks (``lenet.explain``) and readers of this class see.
+        """
+        conv1, sigmoid1, pool1, conv2, sigmoid2, pool2 = self.features
+        x = sigmoid1(pool1(conv1(x)))
+        x = sigmoid2(pool2(conv2(x)))
+        return self.classifier(x)
+
+
+def _layout_of(weight: torch.Tensor) -> torch.memory_format:
+    """The memory format a convolution's weight was put in (the model's ``.to(...)``)."""
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
 
 def conv_bn_relu_pool(in_channels: int, out_channels: int) -> list[nn.Module]:
     """A 5x5 convolution, BatchNorm, ReLU and 2x2 max-pooling: LeNet's stage, modernised.
@@ -95,6 +115,21 @@ class LeNetReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward``'s outputs and gradients for less work: what training steps run.
+
+        ReLU is increasing, so it commutes with max-pooling and runs on the pooled maps (a
+        quarter of the work); BatchNorm does not (a negative scale swaps max and min), so it
+        stays before the pooling. On a CPU the convolutions run fastest on channels-last
+        tensors and BatchNorm on contiguous ones (measured: 3.6 against 1.6 ms for a batch's
+        convolution backward, 0.6 against 2.2 ms for BatchNorm), so each layer gets its own.
+        """
+        conv1, norm1, relu1, pool1, conv2, norm2, relu2, pool2 = self.features
+        x = relu1(pool1(norm1(conv1(x).contiguous())))
+        x = x.contiguous(memory_format=_layout_of(conv2.weight))
+        x = relu2(pool2(norm2(conv2(x).contiguous())))
+        return self.classifier(x)
+
 
 class LeNetPlus(nn.Module):
     """LeNet's layout made as accurate as a model of its size can be (80,250 parameters).
@@ -123,6 +158,20 @@ class LeNetPlus(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class TrainingView(nn.Module):
+    """A model seen through its ``training_forward`` (if it has one): the same parameters,
+    outputs and gradients, computed the cheaper way. A module, so DistributedDataParallel can
+    wrap it like the model itself."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = getattr(self.model, "training_forward", self.model.forward)
+        return step(x)
 
 
 class MLP(nn.Module):
@@ -195,8 +244,9 @@ class ModelSpec:
     summary: str
     # True: inputs standardised with the training set's mean and std; False: pixels / 255.
     standardize: bool = True
-    # Whether channels-last tensors run faster on a CPU (measured: yes for the sigmoid LeNet,
-    # no once BatchNorm is in the way). Results are the same either way up to rounding.
+    # Whether training runs faster with channels-last tensors on a CPU (measured: yes for the
+    # sigmoid LeNet; for lenet-relu only because its training_forward hands BatchNorm
+    # contiguous maps). Results are the same either way up to rounding.
     channels_last_on_cpu: bool = False
     # A fixed input normalisation that is part of the model's definition (LeNet-5's -0.1 / 1.175
     # scaling); when set it replaces the dataset statistics whenever inputs are normalised.
@@ -234,6 +284,7 @@ register(
         "lenet-relu",
         LeNetReLU,
         "same shapes with BatchNorm after each convolution and ReLU",
+        channels_last_on_cpu=True,  # its training_forward keeps BatchNorm contiguous
     )
 )
 register(
