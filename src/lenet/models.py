@@ -94,6 +94,22 @@ def conv_bn_relu_pool(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
+def conv_stages_for_training(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """What ``conv_bn_relu_pool`` stages compute, in a cheaper order, for training steps.
+
+    ReLU is increasing, so it commutes with max-pooling and runs on the pooled maps (a
+    quarter of the work); BatchNorm does not (a negative scale swaps max and min), so it
+    stays before the pooling. On a CPU the convolutions run fastest on channels-last tensors
+    and BatchNorm on contiguous ones (measured for lenet-relu: 1.6 against 3.6 ms for a
+    batch's convolution backward, 0.6 against 2.2 ms for BatchNorm), so each gets its own.
+    """
+    stages = list(features)
+    for conv, norm, relu, pool in zip(*[iter(stages)] * 4):
+        x = x.contiguous(memory_format=_layout_of(conv.weight))
+        x = relu(pool(norm(conv(x).contiguous())))
+    return x
+
+
 class LeNetReLU(nn.Module):
     """The same shapes with BatchNorm after each convolution and ReLU: trains much faster."""
 
@@ -116,19 +132,8 @@ class LeNetReLU(nn.Module):
         return self.classifier(self.features(x))
 
     def training_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward``'s outputs and gradients for less work: what training steps run.
-
-        ReLU is increasing, so it commutes with max-pooling and runs on the pooled maps (a
-        quarter of the work); BatchNorm does not (a negative scale swaps max and min), so it
-        stays before the pooling. On a CPU the convolutions run fastest on channels-last
-        tensors and BatchNorm on contiguous ones (measured: 3.6 against 1.6 ms for a batch's
-        convolution backward, 0.6 against 2.2 ms for BatchNorm), so each layer gets its own.
-        """
-        conv1, norm1, relu1, pool1, conv2, norm2, relu2, pool2 = self.features
-        x = relu1(pool1(norm1(conv1(x).contiguous())))
-        x = x.contiguous(memory_format=_layout_of(conv2.weight))
-        x = relu2(pool2(norm2(conv2(x).contiguous())))
-        return self.classifier(x)
+        """``forward``'s outputs and gradients for less work: what training steps run."""
+        return self.classifier(conv_stages_for_training(self.features, x))
 
 
 class LeNetPlus(nn.Module):
@@ -158,6 +163,10 @@ class LeNetPlus(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    def training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward``'s outputs and gradients for less work: what training steps run."""
+        return self.classifier(conv_stages_for_training(self.features, x))
 
 
 class TrainingView(nn.Module):
@@ -284,7 +293,7 @@ register(
         "lenet-relu",
         LeNetReLU,
         "same shapes with BatchNorm after each convolution and ReLU",
-        channels_last_on_cpu=True,  # its training_forward keeps BatchNorm contiguous
+        channels_last_on_cpu=True,  # conv_stages_for_training keeps BatchNorm contiguous
     )
 )
 register(
@@ -293,6 +302,7 @@ register(
         LeNetPlus,
         "LeNet's layout widened to 16 and 32 maps, BatchNorm, ReLU, dropout: the most accurate "
         "LeNet-sized model (train it with --recipe best)",
+        channels_last_on_cpu=True,  # conv_stages_for_training keeps BatchNorm contiguous
     )
 )
 register(
