@@ -38,6 +38,7 @@ from lenet.backends import (
     parse_metadata,
 )
 from lenet.errors import ExportError, WeightsError
+from lenet.inference_graph import GRAPH_NOTE, inference_graph
 from lenet.weights import LoadedWeights, load_weights, resolve_weights
 
 FORMATS = ("onnx", "torchscript")
@@ -182,9 +183,14 @@ def onnx_bytes(loaded: LoadedWeights, metadata: dict[str, Any]) -> bytes:
     # it folds BatchNorm into the convolutions. The TorchScript-based exporter (dynamo=False)
     # gives an equally correct graph (measured: same max difference) but is deprecated.
     example = torch.zeros(2, 1, 28, 28)
+    # The same function arranged for onnxruntime's CPU kernels (lenet.inference_graph).
+    model = loaded.model.cpu().eval()
+    network = inference_graph(model)
+    if network is not model:
+        metadata = {**metadata, "graph": GRAPH_NOTE}
     with _quiet_exporter():
         program = torch.onnx.export(
-            loaded.model.cpu().eval(),
+            network,
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
