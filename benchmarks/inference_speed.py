@@ -4,9 +4,10 @@
 
 Prints the machine, versions and, per model, images/s for batches of 1, 64 and 10,000 MNIST
 test images (already normalised: the model alone) on PyTorch eager, PyTorch with inference
-optimizations, onnxruntime float and onnxruntime int8, then the latency of one 28x28 image in
-microseconds, then the onnxruntime session settings that were tried. Each figure is the median
-of 5 timed passes (the spread in brackets), after a warm-up pass.
+optimizations, onnxruntime float (as `lenet export` writes it, and, as its baseline, with the
+layers exported as the model lists them) and onnxruntime int8, then the latency of one 28x28
+image in microseconds, then the onnxruntime session settings that were tried. Each figure is
+the median of 5 timed passes (the spread in brackets), after a warm-up pass.
 
     python benchmarks/inference_speed.py --device cuda   # PyTorch on the GPU: fp32 and bf16
 
@@ -244,6 +245,11 @@ def main() -> None:
         engines[f"onnxruntime float, {THREADS} sessions x 1 thread"] = ort_parallel(
             float_model, THREADS
         )
+        # The baseline of lenet.inference_graph: the layers exported as the model lists them.
+        plain_model = onnx_bytes(loaded, build_metadata(loaded, "onnx"), rearrange=False)
+        for threads in (1, THREADS):
+            session = ort_session(plain_model, threads, level_all, sequential)
+            engines[f"onnxruntime float, layers as listed, {threads} thread(s)"] = ort_call(session)
         for threads in (1, THREADS):
             session = ort_session(int8_model, threads, level_all, sequential)
             engines[f"onnxruntime int8, {threads} thread(s)"] = ort_call(session)

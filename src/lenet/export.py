@@ -176,8 +176,10 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def onnx_bytes(loaded: LoadedWeights, metadata: dict[str, Any]) -> bytes:
-    """The model as ONNX with a dynamic batch dimension and the metadata attached."""
+def onnx_bytes(loaded: LoadedWeights, metadata: dict[str, Any], rearrange: bool = True) -> bytes:
+    """The model as ONNX with a dynamic batch dimension and the metadata attached.
+
+    ``rearrange=False`` exports the layers as the model lists them (benchmarks compare)."""
     # torch's own default, the dynamo-based exporter: it traces with torch.export, so the
     # batch dimension is declared symbolically (Dim) and checked, not inferred from one trace;
     # it folds BatchNorm into the convolutions. The TorchScript-based exporter (dynamo=False)
@@ -185,7 +187,7 @@ def onnx_bytes(loaded: LoadedWeights, metadata: dict[str, Any]) -> bytes:
     example = torch.zeros(2, 1, 28, 28)
     # The same function arranged for onnxruntime's CPU kernels (lenet.inference_graph).
     model = loaded.model.cpu().eval()
-    network = inference_graph(model)
+    network = inference_graph(model) if rearrange else model
     if network is not model:
         metadata = {**metadata, "graph": GRAPH_NOTE}
     with _quiet_exporter():
