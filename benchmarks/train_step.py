@@ -4,11 +4,12 @@
     python benchmarks/train_step.py --batch-size 256 --models lenet-relu
 
 Plain: the model's own ``forward`` (the tutorial's layer order), contiguous tensors, Adam's
-default (for-each) implementation. lenet: what ``lenet train`` runs on a CPU, i.e. the model's
-``training_forward`` through ``TrainingView``, channels-last where the model registry says so,
-and the optimizer from ``make_optimizer`` (fused Adam where torch has it). Both train on the
-same real MNIST batches, in rounds that alternate between the two, so that this machine's
-drifting speed hits both alike; printed are the median and fastest round, in ms a step.
+default implementation (on a CPU: one parameter tensor at a time). lenet: what ``lenet train``
+runs on a CPU, i.e. the model's ``training_forward`` through ``TrainingView``, channels-last
+where the model registry says so, and the optimizer from ``make_optimizer`` (fused Adam where
+torch has it). Both train on the same real MNIST batches, in rounds that alternate between the
+two, so that this machine's drifting speed hits both alike; printed are the median and fastest
+round, in ms a step.
 """
 
 from __future__ import annotations

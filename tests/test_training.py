@@ -1,7 +1,9 @@
 """Training on real MNIST: learning, resuming exactly, the run folder, the CLI end to end."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from lenet.checkpoint import CHECKPOINT_NAME
 from lenet.config import resolve_config
 from lenet.errors import RunDirError
 from lenet.evaluation import evaluate, evaluate_model
+from lenet.models import MODELS
 from lenet.training import TrainingInterrupted, train
 from lenet.weights import load_weights
 
@@ -109,6 +112,49 @@ def test_an_existing_run_is_not_overwritten(small_mnist, tmp_path):
     with pytest.raises(RunDirError, match="--resume.*--force"):
         train(resolve_config("lenet", out=str(run)), dataset=small_mnist)
     assert (run / "model.safetensors").read_bytes() == b"precious"
+
+
+def test_resuming_in_another_memory_layout_continues_the_same_run(
+    small_mnist, tmp_path, monkeypatch
+):
+    # A GPU run keeps contiguous weights and optimizer moments; on a CPU lenet-relu's weights
+    # are channels-last. Resumed on the CPU, the moments must be read in the weights' layout
+    # (the fused Adam kernel reads raw memory: the same numbers in another order otherwise).
+    config = resolve_config("lenet-relu", epochs=2, train_limit=3072, threads=1)
+    as_on_gpu = dataclasses.replace(MODELS["lenet-relu"], channels_last_on_cpu=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(metrics, _model):
+        raise Stop
+
+    with monkeypatch.context() as patch:
+        patch.setitem(MODELS, "lenet-relu", as_on_gpu)
+        with pytest.raises(Stop):
+            train(
+                dataclasses.replace(config, out=str(tmp_path / "a")),
+                dataset=small_mnist,
+                progress=False,
+                on_epoch_end=stop_after_first_epoch,
+            )
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        same_layout = train(
+            dataclasses.replace(config, out=str(tmp_path / "b")),
+            resume=True,
+            dataset=small_mnist,
+            progress=False,
+        )
+    channels_last = train(
+        dataclasses.replace(config, out=str(tmp_path / "a")),
+        resume=True,
+        dataset=small_mnist,
+        progress=False,
+    )
+    expected = load_file(same_layout.weights)
+    got = load_file(channels_last.weights)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_resume_without_a_checkpoint_or_with_a_damaged_one(small_mnist, tmp_path):

@@ -181,9 +181,10 @@ def onnx_bytes(loaded: LoadedWeights, metadata: dict[str, Any], rearrange: bool 
 
     ``rearrange=False`` exports the layers as the model lists them (benchmarks compare)."""
     # torch's own default, the dynamo-based exporter: it traces with torch.export, so the
-    # batch dimension is declared symbolically (Dim) and checked, not inferred from one trace;
-    # it folds BatchNorm into the convolutions. The TorchScript-based exporter (dynamo=False)
-    # gives an equally correct graph (measured: same max difference) but is deprecated.
+    # batch dimension is declared symbolically (Dim) and checked, not inferred from one trace
+    # (and it folds BatchNorm, where inference_graph has not already). The TorchScript-based
+    # exporter (dynamo=False) gives an equally correct graph (measured: same max difference)
+    # but is deprecated.
     example = torch.zeros(2, 1, 28, 28)
     # The same function arranged for onnxruntime's CPU kernels (lenet.inference_graph).
     model = loaded.model.cpu().eval()

@@ -12,7 +12,8 @@ check on the 10,000 MNIST test images proves it for every file):
   channels (and the next convolution zero weights for them). onnxruntime's blocked CPU
   convolutions (NCHWc) work in blocks of 8 channels; with 6, every such layer converts its
   output back to the plain layout for the next (20% of lenet's inference time, profiled).
-  The added channels hold a constant that the next layer multiplies by zero.
+  The added channels hold a constant that the next layer multiplies by zero. (With AVX-512,
+  onnxruntime's blocks are 16 channels; not measured here.)
 
 Measured with onnxruntime on the 10,000 test images, 2 threads (benchmarks/inference_speed.py
 gives the figures of the bundled files): about 15-20% more images a second than the model
@@ -79,6 +80,8 @@ def _stages_of(features: nn.Module) -> list[list[nn.Module]] | None:
             return None
         if group[0].groups != 1 or group[0].padding_mode != "zeros":
             return None
+        if normed and group[1].running_var is None:  # batch statistics even in eval mode
+            return None
     return groups or None
 
 
@@ -92,7 +95,7 @@ def _folded(conv: nn.Conv2d, norm: nn.BatchNorm2d | None) -> tuple[torch.Tensor,
     )
     if norm is None:
         return weight, bias
-    assert norm.running_var is not None and norm.running_mean is not None
+    assert norm.running_var is not None and norm.running_mean is not None  # _stages_of checked
     scale = torch.rsqrt(norm.running_var.float() + norm.eps)
     if norm.affine:
         scale = scale * norm.weight.detach().float()

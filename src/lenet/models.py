@@ -65,8 +65,13 @@ class LeNet(nn.Module):
 
         The sigmoid is increasing, so the largest of four sigmoids is the sigmoid of the
         largest input: pooling before the sigmoid gives the same maps with a quarter of the
-        sigmoid work, forward and backward. ``forward`` keeps the tutorial's order, which is
-        what exports, hooks (``lenet.explain``) and readers of this class see.
+        sigmoid work, forward and backward. Only where rounding makes sigmoids of different
+        inputs equal do the gradients part: ``forward`` sends a window's gradient to the
+        first of the tied pixels, this to the largest input. In float32 that happens where
+        the sigmoid's slope is 0 anyway (tested: the same gradients); under bf16 autocast,
+        which rounds far more values together, the two give different gradients (measured:
+        up to 12% on the first layer's). ``forward`` keeps the tutorial's order, which is what
+        exports, hooks (``lenet.explain``) and readers of this class see.
         """
         conv1, sigmoid1, pool1, conv2, sigmoid2, pool2 = self.features
         x = sigmoid1(pool1(conv1(x)))
@@ -171,8 +176,9 @@ class LeNetPlus(nn.Module):
 
 class TrainingView(nn.Module):
     """A model seen through its ``training_forward`` (if it has one): the same parameters,
-    outputs and gradients, computed the cheaper way. A module, so DistributedDataParallel can
-    wrap it like the model itself."""
+    outputs and gradients (up to how max-pooling breaks ties: see ``LeNet.training_forward``),
+    computed the cheaper way. A module, so DistributedDataParallel can wrap it like the model
+    itself."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -254,8 +260,8 @@ class ModelSpec:
     # True: inputs standardised with the training set's mean and std; False: pixels / 255.
     standardize: bool = True
     # Whether training runs faster with channels-last tensors on a CPU (measured: yes for the
-    # sigmoid LeNet; for lenet-relu only because its training_forward hands BatchNorm
-    # contiguous maps). Results are the same either way up to rounding.
+    # sigmoid LeNet; for lenet-relu and lenet-plus only because their training_forward hands
+    # BatchNorm contiguous maps). Results are the same either way up to rounding.
     channels_last_on_cpu: bool = False
     # A fixed input normalisation that is part of the model's definition (LeNet-5's -0.1 / 1.175
     # scaling); when set it replaces the dataset statistics whenever inputs are normalised.
