@@ -108,7 +108,10 @@ def test_training_forward_gives_forwards_outputs_gradients_and_statistics(name, 
     expected.square().sum().backward()
     got.square().sum().backward()
     for (where, p), q in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=where)
+        # Against the gradient's own scale: BatchNorm in another memory layout sums in
+        # another order (measured: up to 1e-5 of the largest gradient, more with 1 thread).
+        scale = float(p.grad.abs().max())
+        assert float((q.grad - p.grad).abs().max()) <= 1e-4 * scale + 1e-7, where
     for (where, b), c in zip(model.named_buffers(), twin.buffers()):
         torch.testing.assert_close(c, b, msg=where)  # BatchNorm's running statistics
 
