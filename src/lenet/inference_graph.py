@@ -24,6 +24,7 @@ the MLP, an ensemble) is exported as it is.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Channel blocks of onnxruntime's NCHWc convolutions with AVX2 (8 float32 lanes).
@@ -97,11 +98,10 @@ def _folded(conv: nn.Conv2d, norm: nn.BatchNorm2d | None) -> tuple[torch.Tensor,
         return weight, bias
     assert norm.running_var is not None and norm.running_mean is not None  # _stages_of checked
     scale = torch.rsqrt(norm.running_var.float() + norm.eps)
-    if norm.affine:
-        scale = scale * norm.weight.detach().float()
     shift = -norm.running_mean.float() * scale
     if norm.affine:
-        shift = shift + norm.bias.detach().float()
+        gamma, beta = norm.weight.detach().float(), norm.bias.detach().float()
+        scale, shift = scale * gamma, shift * gamma + beta
     return weight * scale.view(-1, 1, 1, 1), bias * scale + shift
 
 
@@ -116,15 +116,11 @@ def inference_graph(model: nn.Module) -> nn.Module:
     for i, group in enumerate(groups):
         conv, activation, pool = group[0], group[-2], group[-1]
         weight, bias = _folded(conv, group[1] if len(group) == 4 else None)
-        if added_inputs:
-            weight = torch.cat(
-                [weight, weight.new_zeros(weight.shape[0], added_inputs, *weight.shape[2:])], 1
-            )
         last = i == len(groups) - 1  # its channels are the classifier's input: kept as they are
         added = 0 if last else -weight.shape[0] % CHANNEL_BLOCK
-        if added:
-            weight = torch.cat([weight, weight.new_zeros(added, *weight.shape[1:])])
-            bias = torch.cat([bias, bias.new_zeros(added)])
+        # Zero weights for the previous stage's added maps (dim 1), zero filters (dim 0).
+        weight = F.pad(weight, (0, 0, 0, 0, 0, added_inputs, 0, added))
+        bias = F.pad(bias, (0, added))
         rewritten = nn.Conv2d(
             weight.shape[1],
             weight.shape[0],
