@@ -71,11 +71,12 @@ def test_without_validation_the_held_out_images_are_trained_on(small_mnist, tmp_
 STEPS_PER_EPOCH = 12_000 // 256 + 1  # small_mnist with batch 256
 
 
-@pytest.mark.parametrize("at_step", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 20])
+# The second case also keeps a weight average (--ema), which the checkpoint must carry.
+@pytest.mark.parametrize(("at_step", "ema"), [(STEPS_PER_EPOCH, 0.0), (STEPS_PER_EPOCH + 20, 0.99)])
 def test_resume_after_ctrl_c_gives_the_uninterrupted_weights(
-    small_mnist, tmp_path, monkeypatch, at_step
+    small_mnist, tmp_path, monkeypatch, at_step, ema
 ):
-    common = dict(epochs=3, batch_size=256, augment="affine", seed=3, threads=2)
+    common = dict(epochs=3, batch_size=256, augment="affine", seed=3, threads=2, ema=ema)
     straight = train(
         resolve_config("lenet-relu", out=str(tmp_path / "a"), **common), dataset=small_mnist
     )

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--schedule", choices=SCHEDULES)
     train.add_argument("--label-smoothing", type=float)
+    train.add_argument(
+        "--ema", type=float, metavar="DECAY",
+        help="average the weights over the steps (decay per step, e.g. 0.999) and validate, "
+        "test and save the average (default: 0, off)",
+    )  # fmt: skip
     train.add_argument("--augment", choices=AUGMENT_CHOICES)
     train.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=None,
@@ -384,6 +389,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         label_smoothing=args.label_smoothing,
+        ema=args.ema,
         augment=args.augment,
         normalize=args.normalize,
         amp=args.amp,

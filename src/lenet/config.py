@@ -41,6 +41,9 @@ class TrainConfig:
     weight_decay: float = 0.0  # no gain measured in runs this short
     schedule: str = "onecycle"  # warm-up then anneal: the best final accuracy per epoch here
     label_smoothing: float = 0.0
+    # Decay of an exponential moving average of the weights, updated after every step; the
+    # average is what is validated, tested and saved. 0: off (the last step's weights).
+    ema: float = 0.0
     augment: str = "none"  # affine distortions help long runs, slow down short ones
     normalize: bool = True  # standardise inputs with the dataset's mean/std (book: False)
     # bf16 autocast of the forward pass (GPU speed); off until measured to keep accuracy.
@@ -172,6 +175,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         config.label_smoothing == 0 or get_model_spec(config.model).loss is None,
         f"--label-smoothing smooths cross-entropy, but {config.model} trains with its own loss: "
         "leave it at 0 (or train lenet5-linear, which uses cross-entropy).",
+    )
+    _check(
+        config.ema == 0 or 0.5 <= config.ema < 1,
+        f"--ema is the averaging decay per step, such as 0.999 (0 turns it off); got {config.ema}.",
     )
     if config.target_accuracy is not None:
         _check(

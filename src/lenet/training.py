@@ -27,6 +27,7 @@ from tqdm import tqdm
 from lenet import __version__
 from lenet.atomic import write_text_atomic
 from lenet.augment import AUGMENTATIONS
+from lenet.averaging import WeightAverage
 from lenet.calibration import calibrate, uncalibrated
 from lenet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lenet.config import RUNTIME_FIELDS, TrainConfig, reproduce_command, validate
@@ -372,6 +373,9 @@ def train(
     rank = distributed.rank if distributed is not None else 0
     generator = torch.Generator().manual_seed(augment_seed(config.seed, rank))
     optimizer = make_optimizer(config, model)
+    average = WeightAverage(model, config.ema) if config.ema else None
+    # What is validated, tested and saved: the weights' running average, or the weights.
+    final = average.model if average is not None else model
     n_train = len(y_train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     scheduler = make_scheduler(config, optimizer, steps_per_epoch * config.epochs)
@@ -383,6 +387,8 @@ def train(
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         _restore_optimizer(optimizer, checkpoint["optimizer"])
+        if average is not None:
+            average.load_state_dict(checkpoint["ema"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         _set_rng_state(generator, _rank_rng_state(checkpoint, distributed))
         epoch, next_batch = checkpoint["epoch"], checkpoint["next_batch"]
@@ -400,6 +406,7 @@ def train(
             "config": config.to_dict(),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "ema": average.state_dict() if average is not None else None,
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(generator),
             "epoch": epoch,
@@ -470,6 +477,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 (loss * share).backward()
                 optimizer.step()
+                if average is not None:
+                    average.update(model)
                 scheduler.step()
                 next_batch += 1
                 running["loss"] += loss.item() * len(y)
@@ -496,7 +505,7 @@ def train(
             val = (
                 on_main(
                     distributed,
-                    lambda: evaluate_model(model, data.val.images, data.val.labels, norm),
+                    lambda: evaluate_model(final, data.val.images, data.val.labels, norm),
                 )
                 if config.validation
                 else None
@@ -534,18 +543,18 @@ def train(
                     file=sys.stderr,
                 )
             if on_epoch_end is not None:
-                on_epoch_end(metrics, model)
+                on_epoch_end(metrics, final)
                 model.train()
             reached_target = _reached(config, metrics)
             if stop.requested and epoch < config.epochs and not reached_target:
                 raise _interrupted(run_dir, f"after epoch {epoch}")
 
     test = on_main(
-        distributed, lambda: evaluate_model(model, data.test.images, data.test.labels, norm)
+        distributed, lambda: evaluate_model(final, data.test.images, data.test.labels, norm)
     )
     # Without a validation split there is nothing unseen to fit the temperature on.
     calibration = (
-        on_main(distributed, lambda: calibrate(model, data, norm))
+        on_main(distributed, lambda: calibrate(final, data, norm))
         if config.validation
         else uncalibrated()
     )
@@ -553,7 +562,7 @@ def train(
     step_seconds = sum(h["epoch_seconds"] for h in history)
     card = {
         "model": config.model,
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(final),
         "macs_per_image": count_macs(create_model(config.model)),
         "dataset": config.dataset,
         "dataset_md5": data.md5s,
@@ -582,11 +591,11 @@ def train(
             "world_size": distributed.world_size,
             "backend": distributed.backend,
             "global_batch_size": config.batch_size,
-            "state_sha256_per_rank": distributed.broadcast(distributed.gather(state_digest(model))),
+            "state_sha256_per_rank": distributed.broadcast(distributed.gather(state_digest(final))),
         }
     weights = run_dir / WEIGHTS_NAME
     if main:
-        weights = save_weights(weights, model, card)
+        weights = save_weights(weights, final, card)
     if distributed is not None:
         distributed.barrier()  # no rank reports a run whose files are not yet written
     return TrainResult(
