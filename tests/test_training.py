@@ -155,7 +155,11 @@ def test_resuming_in_another_memory_layout_continues_the_same_run(
     expected = load_file(same_layout.weights)
     got = load_file(channels_last.weights)
     for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        # The layouts' kernels round differently (BatchNorm of 16 maps runs channels-last in
+        # one), and a dozen Adam steps amplify that to 1.4e-4 of a tensor's largest weight
+        # (measured); moments read in the wrong order moved weights by 0.07.
+        scale = float(tensor.abs().max()) if tensor.is_floating_point() else 0.0
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-3 * scale, msg=name)
 
 
 def test_resume_without_a_checkpoint_or_with_a_damaged_one(small_mnist, tmp_path):
