@@ -97,8 +97,12 @@ RECIPES: dict[str, Recipe] = {
         per_model={
             # BatchNorm and ReLU converge in two passes over the data. Batches of 256 at twice
             # the rate: test accuracy 99.01-99.07% (seeds 0-2) in 9-12 s, against 99.05-99.14%
-            # in 13-15 s at 128 (benchmarks/train_speed.py measures the time).
-            "lenet-relu": dict(epochs=2, batch_size=256, lr=0.02),
+            # in 13-15 s at 128 (benchmarks/train_speed.py measures the time). That sat too
+            # close to 99.0% (98.97% after a change of rounding); label smoothing 0.1 lifts it:
+            # validation 99.17% and test 99.14-99.20% over seeds 0-2, against 99.09% and
+            # 98.97-99.16% without (0.05 and 0.15 did as well, peak rates 0.015 and 0.03 and
+            # batches of 192 no better).
+            "lenet-relu": dict(epochs=2, batch_size=256, lr=0.02, label_smoothing=0.1),
             # The paper's 20 passes. At the default peak rate of 0.01 the RBF network diverged
             # as the rate peaked (epoch 4 of 20: loss 0.2 -> 48, accuracy to chance); 0.001 and
             # 0.003 trained stably, and 0.003 ended better (test error 1.01% against 1.33%,
