@@ -71,8 +71,11 @@ def test_without_validation_the_held_out_images_are_trained_on(small_mnist, tmp_
 STEPS_PER_EPOCH = 12_000 // 256 + 1  # small_mnist with batch 256
 
 
-# The second case also keeps a weight average (--ema), which the checkpoint must carry.
-@pytest.mark.parametrize(("at_step", "ema"), [(STEPS_PER_EPOCH, 0.0), (STEPS_PER_EPOCH + 20, 0.99)])
+# The last case also keeps a weight average (--ema), which the checkpoint must carry.
+@pytest.mark.parametrize(
+    ("at_step", "ema"),
+    [(STEPS_PER_EPOCH, 0.0), (STEPS_PER_EPOCH + 20, 0.0), (STEPS_PER_EPOCH + 20, 0.99)],
+)
 def test_resume_after_ctrl_c_gives_the_uninterrupted_weights(
     small_mnist, tmp_path, monkeypatch, at_step, ema
 ):

@@ -311,7 +311,7 @@ register(
         "lenet-relu",
         LeNetReLU,
         "same shapes with BatchNorm after each convolution and ReLU",
-        channels_last_on_cpu=True,  # conv_stages_for_training: BatchNorm of < 8 maps contiguous
+        channels_last_on_cpu=True,  # conv_stages_for_training: BatchNorm of 6 maps contiguous
     )
 )
 register(
@@ -320,7 +320,7 @@ register(
         LeNetPlus,
         "LeNet's layout widened to 16 and 32 maps, BatchNorm, ReLU, dropout: the most accurate "
         "LeNet-sized model (train it with --recipe best)",
-        channels_last_on_cpu=True,  # conv_stages_for_training: BatchNorm of < 8 maps contiguous
+        channels_last_on_cpu=True,  # 16 and 32 maps: channels-last throughout
     )
 )
 register(

@@ -312,7 +312,8 @@ def train(
     With ``resume``, the run continues from ``<out>/checkpoint.pt`` with the config saved
     there; only where it runs (``device``, ``threads``, ``data_dir``) is taken from ``config``.
     On the CPU it ends with exactly the weights an uninterrupted run gives.
-    ``on_epoch_end(metrics, model)`` is called after each epoch (benchmarks use it).
+    ``on_epoch_end(metrics, model)`` is called after each epoch (benchmarks use it) with the
+    model that is validated and saved: the weights' moving average under ``config.ema``.
     With ``distributed`` (from ``lenet.distributed.init_from_environment`` under torchrun) this
     process is one rank of a DistributedDataParallel run: ``config.batch_size`` is the global
     batch, and only rank 0 writes the run folder or prints progress.
