@@ -80,6 +80,16 @@ def test_two_ranks_agree_and_match_one_process_with_the_same_global_batch(mnist,
     assert summary["test_accuracy"] > 0.8  # it learned: the comparison is not of two failures
 
 
+def test_ranks_of_a_batchnorm_model_end_with_the_saved_statistics_and_average(tmp_path):
+    # Each rank updates BatchNorm's running statistics on its own shard (and, with --ema,
+    # averages them): at the end every rank must hold what rank 0 saves.
+    _run("--model", "lenet-relu", "--epochs", "1", "--batch-size", "64", "--train-limit",
+         "1024", "--ema", "0.9", "--out", str(tmp_path / "bn"))  # fmt: skip
+    card = json.loads((tmp_path / "bn" / "model.json").read_text())
+    saved = load_weights(tmp_path / "bn" / "model.safetensors").model
+    assert card["distributed"]["state_sha256_per_rank"] == [state_digest(saved)] * 2
+
+
 def test_ctrl_c_under_torchrun_then_resume_gives_the_uninterrupted_weights(mnist, tmp_path):
     # Six epochs: the Ctrl-C, sent once the first epoch's checkpoint exists, must land well
     # before the end however fast the machine is (with two, a fast one had finished). Before

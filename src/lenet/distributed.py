@@ -92,6 +92,16 @@ class Distributed:
         dist.broadcast_object_list(holder, src=0, device=self._object_device)
         return holder[0]  # type: ignore[return-value]
 
+    def share_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm's running statistics).
+
+        DDP sends rank 0's buffers to the others before each forward pass, and then each rank
+        updates them on its own shard: after the last step they differ. Shared at the end,
+        every rank holds the model rank 0 saves.
+        """
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
     def gather(self, value: T) -> list[T] | None:
         """Every rank's ``value``, in rank order, on rank 0; None on the others."""
         gathered: list[Any] | None = [None] * self.world_size if self.is_main else None

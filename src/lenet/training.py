@@ -550,6 +550,8 @@ def train(
             if stop.requested and epoch < config.epochs and not reached_target:
                 raise _interrupted(run_dir, f"after epoch {epoch}")
 
+    if distributed is not None:
+        distributed.share_buffers(final)
     test = on_main(
         distributed, lambda: evaluate_model(final, data.test.images, data.test.labels, norm)
     )
