@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lenet.averaging import WARMUP, WeightAverage
+from lenet.averaging import WARMUP, weight_average
 from lenet.checkpoint import CHECKPOINT_NAME
 from lenet.config import resolve_config
 from lenet.errors import ConfigError
@@ -15,7 +15,7 @@ def test_the_average_follows_the_warmed_up_exponential_formula():
     torch.manual_seed(0)
     model = create_model("lenet-relu")
     decay = 0.9
-    average = WeightAverage(model, decay)
+    average = weight_average(model, decay)
     expected: dict[str, torch.Tensor] = {}
     for update in range(120):  # past update 80, where the decay takes over from the warm-up
         with torch.no_grad():  # stands in for an optimizer step (parameters and statistics)
@@ -24,7 +24,7 @@ def test_the_average_follows_the_warmed_up_exponential_formula():
                     tensor.add_(torch.randn_like(tensor))
                 else:
                     tensor.add_(1)
-        average.update(model)
+        average.update_parameters(model)
         current = model.state_dict()
         # The reference: the first update copies; then each update keeps min(decay,
         # (1 + n) / (WARMUP + n)) of the average, n being the updates made before it.
@@ -35,7 +35,7 @@ def test_the_average_follows_the_warmed_up_exponential_formula():
             else:
                 expected[name] = kept * expected[name] + (1 - kept) * value
     assert kept == decay  # both terms of the min were exercised
-    got = average.model.state_dict()
+    got = average.module.state_dict()
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)
 

@@ -10,7 +10,6 @@ anneals the rate to zero, like lenet's one-cycle, already does much of the same.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -44,28 +43,9 @@ def _ema_update(decay: float) -> AverageFn:
     return update
 
 
-class WeightAverage:
-    """The running average of ``model``'s parameters and buffers (BatchNorm statistics too),
-    on the model's device and in its memory layout."""
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.averaged = AveragedModel(model, multi_avg_fn=_ema_update(decay), use_buffers=True)
-        self.averaged.eval()  # only ever evaluated; BatchNorm uses the averaged statistics
-
-    @property
-    def model(self) -> torch.nn.Module:
-        """The averaged network itself (the same class as the trained one)."""
-        return self.averaged.module
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """Fold the weights after an optimizer step into the average."""
-        self.averaged.update_parameters(model)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The average and its update count, for checkpoints."""
-        return self.averaged.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint's ``state_dict()``."""
-        self.averaged.load_state_dict(state)
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """The running average of ``model``'s parameters and buffers (BatchNorm statistics too), on
+    the model's device and in its memory layout: fold in each step's weights with
+    ``update_parameters(model)``; the averaged network is its ``module``."""
+    average = AveragedModel(model, multi_avg_fn=_ema_update(decay), use_buffers=True)
+    return average.eval()  # only ever evaluated; BatchNorm uses the averaged statistics

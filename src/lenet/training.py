@@ -27,7 +27,7 @@ from tqdm import tqdm
 from lenet import __version__
 from lenet.atomic import write_text_atomic
 from lenet.augment import AUGMENTATIONS
-from lenet.averaging import WeightAverage
+from lenet.averaging import weight_average
 from lenet.calibration import calibrate, uncalibrated
 from lenet.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lenet.config import RUNTIME_FIELDS, TrainConfig, reproduce_command, validate
@@ -374,9 +374,9 @@ def train(
     rank = distributed.rank if distributed is not None else 0
     generator = torch.Generator().manual_seed(augment_seed(config.seed, rank))
     optimizer = make_optimizer(config, model)
-    average = WeightAverage(model, config.ema) if config.ema else None
+    average = weight_average(model, config.ema) if config.ema else None
     # What is validated, tested and saved: the weights' running average, or the weights.
-    final = average.model if average is not None else model
+    final = average.module if average is not None else model
     n_train = len(y_train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     scheduler = make_scheduler(config, optimizer, steps_per_epoch * config.epochs)
@@ -479,7 +479,7 @@ def train(
                 (loss * share).backward()
                 optimizer.step()
                 if average is not None:
-                    average.update(model)
+                    average.update_parameters(model)
                 scheduler.step()
                 next_batch += 1
                 running["loss"] += loss.item() * len(y)
