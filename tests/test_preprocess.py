@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
-from lenet.preprocess import preprocess
+from lenet.preprocess import WORK_MAX_SIDE, WORK_MIN_SIDE, preprocess, work_scale
 
 
 def encode(img, fmt="PNG", **options):
@@ -252,3 +252,16 @@ def test_extremes_of_3x3_means_are_scipys(height, width, seed):
     grey = np.random.default_rng(seed % 2**32).random((height, width), dtype=np.float32)
     means = ndimage.uniform_filter(grey.astype(np.float64), size=3, mode="nearest")
     assert _mean3_extremes(grey) == pytest.approx((means.min(), means.max()), abs=1e-6)
+
+
+def test_the_working_size_fits_photos_and_keeps_lines_of_digits_tall():
+    # Photos and drawings (up to 2.5 times as long as high): the long side to WORK_MAX_SIDE.
+    assert work_scale(640, 480) == WORK_MAX_SIDE / 640
+    assert work_scale(3000, 4000) == WORK_MAX_SIDE / 4000
+    assert work_scale(280, 280) == 1.0  # small pictures are never enlarged
+    # A line of digits keeps WORK_MIN_SIDE pixels on its short side...
+    assert round(2800 * work_scale(2800, 200)) == 2800 * WORK_MIN_SIDE // 200
+    assert round(200 * work_scale(2800, 200)) == WORK_MIN_SIDE
+    # ...within a bound on the pixels in all.
+    scale = work_scale(20000, 400)
+    assert 20000 * 400 * scale**2 == pytest.approx(4 * WORK_MAX_SIDE**2)

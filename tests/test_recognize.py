@@ -63,6 +63,20 @@ def test_numbers_of_two_to_six_digits_are_read_exactly(recognizer, test_digits):
     assert exact / total >= 0.95
 
 
+def test_a_long_line_of_digits_is_read(recognizer, test_digits):
+    # 30 digits in a row: fitted into 320 pixels, as photos are, each would be a few pixels
+    # tall and the line taken for specks of noise (measured: no digits at all).
+    images, labels = test_digits
+    rng = np.random.default_rng(12)
+    chosen = rng.choice(len(images), 30)
+    picture = userstyle.number_line([images[i] for i in chosen], rng)
+    assert Image.open(io.BytesIO(picture)).width > 1500
+    reading = recognizer.read(picture)
+    assert len(reading.digits) == 30
+    right = sum(d.best_guess == labels[i] for d, i in zip(reading.digits, chosen))
+    assert right >= 28, (right, [d.best_guess for d in reading.digits], labels[chosen])
+
+
 def blank(kind):
     rng = np.random.default_rng(3)
     values = {
