@@ -386,3 +386,167 @@ def test_serve_cli_reports_a_wrong_model_before_serving():
         timeout=60,
     )
     assert done.returncode == 2 and "alexnet is neither" in done.stderr
+
+
+def test_a_part_sent_without_a_filename_keeps_its_bytes(client, test_digits):
+    # curl -F 'image=<digit.png' sends the file as a plain form field; Starlette decodes such
+    # parts as text, which once turned a valid PNG or BMP into a 422 "damaged".
+    images, labels = test_digits
+    for fmt in ("PNG", "BMP"):
+        buffer = io.BytesIO()
+        Image.fromarray(images[7]).save(buffer, fmt)
+        body = (
+            b'--xyz\r\nContent-Disposition: form-data; name="image"\r\n'
+            b"Content-Type: image/" + fmt.lower().encode() + b"\r\n\r\n"
+            + buffer.getvalue() + b"\r\n--xyz--\r\n"
+        )  # fmt: skip
+        answer = client.post(
+            "/v1/predict",
+            content=body,
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        )
+        assert answer.status_code == 200, (fmt, answer.text)
+        assert answer.json()["digit"] == labels[7]
+
+
+def test_text_parts_give_back_the_bytes_starlette_decoded():
+    from starlette.formparsers import _user_safe_decode
+
+    from lenet.server.uploads import text_part_bytes
+
+    rng = np.random.default_rng(5)
+    samples = [rng.bytes(n) for n in (1, 8, 100, 5000)]  # binary: not UTF-8
+    samples += [b"plain text", "Zürich 数字 ①".encode(), b"\x89PNG\r\n\x1a\n\x00"]
+    for raw in samples:
+        assert text_part_bytes(_user_safe_decode(raw, "utf-8"), "utf-8") == raw
+        assert text_part_bytes(_user_safe_decode(raw, "latin-1"), "latin-1") == raw
+
+
+def _raw_request(base, request, read=True):
+    """Send bytes on a fresh connection to the server at ``base``; its answer, if ``read``."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(base)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(request)
+        if not read:
+            return b""
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_hang_ups_stalls_head_and_wrong_methods_on_a_real_server(test_digits):
+    import urllib.request
+
+    png_bytes = png(test_digits[0][0])
+    with lenet_serve("--timeout", "1.5") as base:
+        # A client that hangs up part-way through its upload: no 5xx, no traceback.
+        head = (
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000\r\n\r\n"
+        )
+        for _ in range(3):
+            _raw_request(base, head + png_bytes[:4], read=False)
+        # A client that stalls part-way: 408 once nothing has come for --timeout seconds.
+        started = time.monotonic()
+        stalled = _raw_request(base, head + png_bytes[:4] + b"")
+        assert stalled.startswith(b"HTTP/1.1 408") and b"stalled" in stalled
+        assert time.monotonic() - started < 10
+        # HEAD wherever GET answers; a wrong method says which ones are allowed.
+        for path in ("/", "/healthz", "/readyz", "/metrics", "/v1/models"):
+            answer = _raw_request(base, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 200"), (path, answer[:100])
+        wrong = _raw_request(
+            base, b"DELETE /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert wrong.startswith(b"HTTP/1.1 405") and re.search(rb"(?i)\r\nallow: .*GET", wrong)
+        time.sleep(0.5)  # the hang-ups are answered (to nobody) asynchronously
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        server_errors = re.findall(
+            r'lenet_http_requests_total\{[^}]*status="5\d\d"[^}]*\} (\S+)', text
+        )
+        assert all(float(v) == 0 for v in server_errors), server_errors
+        assert re.search(r'lenet_rejected_inputs_total\{reason="client_disconnected"\} 3', text)
+        assert re.search(r'lenet_rejected_inputs_total\{reason="upload_stalled"\} 1', text)
+
+
+def test_serve_announces_the_port_it_bound_and_only_once_bound():
+    import subprocess
+    import sys
+    import urllib.request
+
+    from serving import free_port
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenet", "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+        assert port != 0, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        process.terminate()
+        process.wait(20)
+    # A port already taken: uvicorn's error, and no "ready" line before it.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "lenet", "serve", "--port", str(taken.getsockname()[1])],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode != 0 and "ready" not in done.stdout, done.stdout
+    assert "address already in use" in (done.stdout + done.stderr).lower()
+    bad = subprocess.run(
+        [sys.executable, "-m", "lenet", "serve", "--timeout", "nan"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--timeout must be a positive number" in bad.stderr
+
+
+def test_explain_uses_the_weights_an_onnx_model_was_exported_from(tmp_path, test_digits):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from lenet.export import export
+    from lenet.weights import load_weights, save_weights
+
+    # Weights of one's own: the bundled lenet-relu's with its outputs rotated by one (it
+    # reads a 4 as 5), the same architecture as the bundled model but other answers.
+    loaded = load_weights("lenet-relu")
+    output = loaded.model.classifier[-1]
+    with torch.no_grad():
+        output.weight.copy_(output.weight.roll(1, 0))
+        output.bias.copy_(output.bias.roll(1, 0))
+    weights = save_weights(tmp_path / "mine.safetensors", loaded.model, loaded.card)
+    onnx = tmp_path / "mine.onnx"
+    export(weights, onnx, "onnx", check=False)
+    data = png(test_digits[0][4])
+    settings = ServeSettings(weights=str(onnx), backend="onnx")
+    with TestClient(create_app(settings)) as serving:
+        predicted = serving.post("/v1/predict", files={"image": data}).json()
+        explained = serving.post("/v1/explain", files={"image": data}).json()
+    assert explained["digit"] == predicted["digit"]
+    assert np.allclose(explained["probabilities"], predicted["probabilities"], atol=1e-3)
+    bundled = Recognizer.load("lenet-relu", backend="onnx").predict(data)
+    assert predicted["digit"] == (bundled.digit + 1) % 10
+    # Without those weights, explaining is refused rather than done with another model's.
+    weights.unlink()
+    with TestClient(create_app(settings)) as serving:
+        refused = serving.post("/v1/explain", files={"image": data})
+    assert refused.status_code == 501 and "mine.safetensors" in refused.json()["error"]

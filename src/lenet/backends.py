@@ -167,6 +167,26 @@ class OnnxModel:
         """How the weights were quantized (None for a float model)."""
         return self.metadata.get("quantization")
 
+    def source_weights(self) -> Path | None:
+        """The PyTorch weights this file was exported from, where they can be found.
+
+        Looked for beside the file (under the name its metadata records) and among the
+        bundled weights of its model; only a file with the SHA-256 recorded at export counts.
+        """
+        from lenet.weights import bundled_weights, file_sha256
+
+        source = self.metadata.get("source") or {}
+        digest = source.get("sha256")
+        if not digest:
+            return None
+        candidates = []
+        if source.get("weights"):
+            candidates.append(self.path.parent / Path(str(source["weights"])).name)
+        bundled = bundled_weights().get(self.name)
+        if bundled is not None:
+            candidates.append(bundled)
+        return next((c for c in candidates if c.is_file() and file_sha256(c) == digest), None)
+
     def run(self, inputs: np.ndarray) -> np.ndarray:
         """Logits for already normalised (N, 1, 28, 28) float32 inputs, in cache-sized chunks."""
         chunks = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -624,15 +625,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
-
     try:
-        import uvicorn
-
-        from lenet.server import ServeSettings, create_app
-        from lenet.server.app import SETTINGS_ENV, serving_backend
-        from lenet.server.metrics import MULTIPROC_ENV
+        from lenet.server import ServeSettings
+        from lenet.server.app import serving_backend
+        from lenet.server.runner import run
     except ImportError as exc:
         raise LenetError(
             f"lenet serve needs the serve extra ({exc.name} is missing): "
@@ -640,8 +636,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     if not 0 <= args.port <= 65535:
         raise LenetError(f"--port {args.port} is not a port number (0-65535).")
-    if args.timeout <= 0:
-        raise LenetError(f"--timeout must be positive, not {args.timeout}.")
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise LenetError(f"--timeout must be a positive number of seconds, not {args.timeout}.")
     from lenet.recognize import Recognizer
 
     # Loaded here, so that a wrong --weights or --backend is reported before serving.
@@ -656,23 +652,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
     )
-    common = {
-        "host": args.host,
-        "port": args.port,
-        "access_log": args.access_log,
-        "log_level": "info" if args.access_log else "warning",
-    }
-    if args.workers == 1:
-        uvicorn.run(create_app(settings, recognizer), **common)
-        return 0
-    # Worker processes build their own app from the settings, and share their metrics
-    # through files so that any worker's /metrics counts all of them.
-    os.environ[SETTINGS_ENV] = settings.to_env()
-    with tempfile.TemporaryDirectory(prefix="lenet-metrics-") as folder:
-        os.environ[MULTIPROC_ENV] = folder
-        uvicorn.run(
-            "lenet.server.app:create_app_from_env", factory=True, workers=args.workers, **common
-        )
+    run(settings, recognizer, args.workers, args.access_log)
     return 0
 
 

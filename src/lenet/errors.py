@@ -73,3 +73,27 @@ class BadUpload(ImageError):
     """A request that carries no picture: empty body, no `image` field, wrong content type."""
 
     reason = "bad_request"
+
+
+class NoDigit(ImageError):
+    """A picture that decodes but holds no digit, where an answer needs one (explain)."""
+
+    reason = "no_digit"
+
+
+class ClientDisconnected(ImageError):
+    """The client closed the connection before its upload arrived whole.
+
+    499 is the status proxies log for this (no response reaches the client); it keeps such
+    requests out of the service's 5xx counts, which mean the service failed.
+    """
+
+    status = 499
+    reason = "client_disconnected"
+
+
+class UploadStalled(ImageError):
+    """The client stopped sending its upload part-way (a slow or stuck client)."""
+
+    status = 408
+    reason = "upload_stalled"

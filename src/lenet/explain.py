@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lenet.errors import ImageError
+from lenet.errors import ImageError, NoDigit
 from lenet.preprocess import DEFAULT_MAX_PIXELS, ImageSource, preprocess
 from lenet.weights import LoadedWeights, load_weights
 
@@ -186,7 +186,7 @@ def explain(
     loaded = weights if isinstance(weights, LoadedWeights) else load_weights(weights)
     digit = preprocess(source, max_pixels)
     if digit is None:
-        raise ImageError(
+        raise NoDigit(
             f"{NO_DIGIT}: the picture holds no ink to explain. Give a picture of one digit "
             "(dark on light or light on dark)."
         )

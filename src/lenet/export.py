@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import importlib.util
 import json
 import logging
@@ -39,7 +38,7 @@ from lenet.backends import (
 )
 from lenet.errors import ExportError, WeightsError
 from lenet.inference_graph import GRAPH_NOTE, inference_graph
-from lenet.weights import LoadedWeights, load_weights, resolve_weights
+from lenet.weights import LoadedWeights, file_sha256, load_weights, resolve_weights
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
@@ -119,11 +118,6 @@ def format_for(out: str | os.PathLike[str], fmt: str | None) -> str:
             "(or name the file .onnx, .pt or .ts)."
         )
     return SUFFIXES[suffix]
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, hex: ties an export to the exact weights it came from."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def build_metadata(

@@ -6,6 +6,7 @@ model to build, how to normalise its input, what data it was trained on and how 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import os
@@ -85,6 +86,11 @@ def read_card(path: str | os.PathLike[str]) -> dict[str, Any]:
         if key not in card:
             raise WeightsError(f"The model card {cpath} lacks the field {key!r}.")
     return card
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, hex: ties an export to the exact weights it came from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def bundled_weights() -> dict[str, Path]:

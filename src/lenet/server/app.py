@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lenet import __version__
 from lenet.errors import LenetError
@@ -82,6 +83,26 @@ def serving_backend(settings: ServeSettings) -> str:
     from lenet.backends import command_line_backend
 
     return command_line_backend(settings.weights, settings.backend)
+
+
+class HeadAsGet:
+    """HEAD answered as GET, without the body: monitors and uptime checkers often ask with
+    HEAD, and FastAPI's routes answer only the methods they list."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class NotAvailable(LenetError):
@@ -191,6 +212,20 @@ class Service:
         return result
 
 
+def _exported_from(backend: Any) -> str:
+    """The weights file an ONNX model was exported from, or NotAvailable saying where to
+    put it."""
+    found = backend.source_weights()
+    if found is None:
+        source = (backend.metadata.get("source") or {}).get("weights", "its .safetensors")
+        raise NotAvailable(
+            f"Explaining needs the PyTorch weights {backend.path.name} was exported from "
+            f"({source}), which are neither beside it nor bundled. Put them beside the .onnx "
+            "file, or serve them with --weights FILE.safetensors --backend torch."
+        )
+    return str(found)
+
+
 def _prediction_json(prediction: Prediction, include_input: bool) -> dict[str, Any]:
     out = prediction.to_dict()
     if include_input and prediction.image is not None:
@@ -202,13 +237,29 @@ def _static_dir() -> str:
     return str(importlib.resources.files("lenet") / "server" / "static")
 
 
+def page_url(host: str, port: int) -> str:
+    """The drawing page's address (an IPv6 host in brackets, as URLs want it)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def ready_line(model: str, host: str, port: int) -> str:
+    """What `lenet serve` prints once it answers: the model and where to find the page."""
+    url = page_url(host, port)
+    return f"lenet serve: model {model} ready; drawing page at {url} (API docs at {url}docs)"
+
+
 def create_app(
-    settings: ServeSettings | None = None, recognizer: Recognizer | None = None
+    settings: ServeSettings | None = None,
+    recognizer: Recognizer | None = None,
+    announce: bool = False,
 ) -> FastAPI:
     """The service as an ASGI app (uvicorn, or any ASGI server or test client).
 
     ``recognizer``: one already loaded (`lenet serve` loads it first, so that a wrong
     --weights is reported before the server starts); otherwise it is loaded at start-up.
+    ``announce``: print ``ready_line`` once the model is loaded, for servers whose socket is
+    already bound by then (uvicorn's workers); `lenet serve` with one process prints it itself
+    after binding (lenet.server.runner).
     """
     settings = settings or ServeSettings()
     metrics = ServiceMetrics()
@@ -217,13 +268,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(service.pool, service.load)
-        if service.ready_error is None and service.recognizer is not None:
-            url = f"http://{settings.host}:{settings.port}/"
-            print(
-                f"lenet serve: model {service.recognizer.name} ready; drawing page at {url} "
-                f"(API docs at {url}docs)",
-                flush=True,
-            )
+        if announce and service.ready_error is None and service.recognizer is not None:
+            print(ready_line(service.recognizer.name, settings.host, settings.port), flush=True)
         try:
             yield
         finally:
@@ -254,7 +300,8 @@ def create_app(
             message = f"No such page: {request.url.path}. The API is described at /docs."
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}; see /docs."
-        return _error(exc.status_code, message)
+        # Starlette's headers (the Allow list of a 405) go out with our JSON.
+        return _error(exc.status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -289,7 +336,7 @@ def create_app(
         return work
 
     async def answer(request: Request, make: Callable[..., Any], include_input: bool) -> Any:
-        data = await read_upload(request, settings.max_upload_bytes)
+        data = await read_upload(request, settings.max_upload_bytes, settings.timeout_s)
         result = await service.run(make(data, include_input))
         return JSONResponse(result)
 
@@ -328,12 +375,13 @@ def create_app(
             weights = service.explain_weights
             if weights is None:
                 # Saliency needs gradients, so the PyTorch weights the model came from are
-                # used even when answers come from onnxruntime.
+                # used even when answers come from onnxruntime: the very weights it was
+                # exported from (checked by their SHA-256), never another model's.
                 backend_weights = getattr(recognizer.backend, "weights", None)
                 if backend_weights is None:
                     from lenet.weights import load_weights
 
-                    backend_weights = load_weights(recognizer.name)
+                    backend_weights = load_weights(_exported_from(recognizer.backend))
                 weights = service.explain_weights = backend_weights
             return explain(data, weights, settings.max_pixels).to_dict()
 
@@ -348,7 +396,7 @@ def create_app(
         openapi_extra=schemas.UPLOAD_BODY,
     )
     async def explain_route(request: Request) -> Any:
-        data = await read_upload(request, settings.max_upload_bytes)
+        data = await read_upload(request, settings.max_upload_bytes, settings.timeout_s)
         result = await service.run(explain_one(data))
         return JSONResponse(result)
 
@@ -385,9 +433,10 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(HeadAsGet)  # added last: the outermost, so metrics count it as GET
     return app
 
 
 def create_app_from_env() -> FastAPI:
     """The app factory uvicorn's worker processes call (`lenet serve --workers N`)."""
-    return create_app(ServeSettings.from_env())
+    return create_app(ServeSettings.from_env(), announce=True)

@@ -59,7 +59,7 @@ class ServiceMetrics:
         self.rejected = Counter(
             "lenet_rejected_inputs",
             "Uploads refused, by reason (too_large, too_many_pixels, unsupported_format, "
-            "undecodable, bad_request, busy).",
+            "undecodable, bad_request, no_digit, upload_stalled, client_disconnected, busy).",
             ["reason"],
             registry=self.registry,
         )

@@ -7,13 +7,21 @@ content type (``curl --data-binary @digit.png -H 'Content-Type: image/png'``).
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 from collections.abc import AsyncIterator
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from lenet.errors import BadUpload, UnsupportedImageFormat, UploadTooLarge
+from lenet.errors import (
+    BadUpload,
+    ClientDisconnected,
+    UnsupportedImageFormat,
+    UploadStalled,
+    UploadTooLarge,
+)
 
 FIELD = "image"
 # Raw bodies: any image type (the decoder checks the real format against its allow-list),
@@ -30,8 +38,9 @@ def _too_large(limit: int) -> UploadTooLarge:
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused as soon as it passes ``limit`` bytes (never buffered past it)."""
+async def _read_body(request: Request, limit: int, stall_s: float) -> bytes:
+    """The whole body, refused as soon as it passes ``limit`` bytes (never buffered past it),
+    or as soon as ``stall_s`` seconds pass without a byte of it."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -40,10 +49,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
         except ValueError:
             raise BadUpload(f"Content-Length {declared!r} is not a number.") from None
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
+    chunks = request.stream()
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), stall_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise UploadStalled(
+                    f"The upload stalled: no data for {stall_s:g} s after {len(body):,} bytes. "
+                    "Send the whole picture at once."
+                ) from None
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(limit)
+    except ClientDisconnect:
+        # An aborted upload (a phone losing its network): nothing to answer, nothing failed.
+        raise ClientDisconnected(
+            f"The client closed the connection after {len(body):,} bytes of the upload."
+        ) from None
     return bytes(body)
 
 
@@ -51,11 +76,13 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
+async def read_upload(request: Request, limit: int, stall_s: float = 10.0) -> bytes:
     """The picture's bytes from a multipart field ``image`` or a raw image body.
 
     Raises UploadTooLarge (413), UnsupportedImageFormat (415) for a content type that cannot
-    carry a picture, and BadUpload (422) for an empty body or a form without the field.
+    carry a picture, BadUpload (422) for an empty body or a form without the field,
+    UploadStalled (408) when the body stops arriving for ``stall_s`` seconds and
+    ClientDisconnected (499) when the client goes away before it is whole.
     """
     content_type = request.headers.get("content-type", "").lower()
     is_form = content_type.startswith(MULTIPART)
@@ -65,7 +92,7 @@ async def read_upload(request: Request, limit: int) -> bytes:
             f"Content type {shown!r} cannot carry a picture. Send the image as the body with "
             f"an image/* content type, or as a multipart form with the file in field {FIELD!r}."
         )
-    body = await _read_body(request, limit)
+    body = await _read_body(request, limit, stall_s)
     if is_form:
         body = await _form_file(request, body, limit)
     if not body:
@@ -91,6 +118,38 @@ async def _form_file(request: Request, body: bytes, limit: int) -> bytes:
             )
         if isinstance(field, UploadFile):
             return await field.read()
-        return field.encode("utf-8")  # a text field: the decoder will say it is no image
+        # A part sent without a filename (curl -F 'image=<digit.png'): Starlette hands it over
+        # as text. Its bytes are recovered exactly; if it really is text, the decoder says so.
+        return text_part_bytes(field, _form_charset(request))
     finally:
         await form.close()
+
+
+def _form_charset(request: Request) -> str:
+    """The charset Starlette decodes a form's text parts with: the request's, else UTF-8."""
+    for param in request.headers.get("content-type", "").split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "charset":
+            try:
+                return codecs.lookup(value.strip('"')).name
+            except LookupError:
+                return "latin-1"  # what Starlette falls back to for an unknown charset
+    return "utf-8"
+
+
+def text_part_bytes(text: str, charset: str = "utf-8") -> bytes:
+    """The bytes of a form part that Starlette decoded into ``text``.
+
+    Starlette decodes a part with ``charset`` when its bytes are valid in it, else as
+    Latin-1. Both readings can give the same text (any text whose characters are all below
+    256); then Latin-1 is taken, since a picture's bytes are almost never valid UTF-8.
+    """
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode(charset)
+    try:
+        consistent = raw.decode(charset) == text  # plain ASCII: both readings agree
+    except UnicodeDecodeError:
+        consistent = True  # not valid in charset: Starlette did fall back to Latin-1
+    return raw if consistent else text.encode(charset)
