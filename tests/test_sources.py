@@ -298,3 +298,33 @@ def test_verify_cli_fails_on_an_empty_folder(tmp_path, capsys):
     assert main(["data", "verify", "mnist", "--data-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert out.count("missing mnist/") == 4 and "lenet data fetch mnist" in out
+
+
+def test_a_users_folder_receives_the_cache_copies_and_hears_of_damaged_ones(tmp_path, monkeypatch):
+    files = tiny_files()
+    spec = tiny_spec([])  # no remote source: everything must come from the disk
+    monkeypatch.setitem(datasets.DATASETS, "tiny", spec)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = datasets.cache_root() / "data" / "tiny"
+    cache.mkdir(parents=True)
+    for name, data in files.items():
+        (cache / name).write_bytes(data)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / NAMES[0]).write_bytes(files[NAMES[0]][:-5])  # the user's own copy, damaged
+    # Before fetching: the good cache copy is used, and the damaged one is named.
+    statuses = {s.name: s for s in datasets.verify("tiny", user)}
+    assert all(s.ok for s in statuses.values())
+    assert str(user / NAMES[0]) in statuses[NAMES[0]].detail and "passed over" in (
+        statuses[NAMES[0]].detail
+    )
+    info = datasets.describe("tiny", user)
+    assert info["folder"] == str(cache) and "passed over" in info["files"][NAMES[0]]["detail"]
+    # Fetching into the user's folder: it receives the files (in its sub-folder for the
+    # dataset), and the user's own damaged file is reported, never overwritten.
+    report = fetch("tiny", data_dir=user)
+    assert all((user / "tiny" / n).read_bytes() == data for n, data in files.items())
+    assert all(report.origin[n] == f"copied from {cache}" for n in NAMES)
+    assert any(str(user / NAMES[0]) in f and "expected" in f for f in report.failures)
+    assert (user / NAMES[0]).read_bytes() == files[NAMES[0]][:-5]
+    assert datasets.describe("tiny", user)["folder"] == str(user / "tiny")

@@ -287,9 +287,12 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     mirrors = [HttpMirror(url) for url in args.mirror]
     for name in _datasets(args.dataset):
         report = fetch(name, args.data_dir, progress=sys.stderr.isatty(), extra_sources=mirrors)
-        print(f"{name}: verified in {report.folder}")
+        print(f"{name}: verified")
         for file, origin in report.origin.items():
             print(f"  {file}: {origin}")
+        for problem in report.failures:
+            if "expected" in problem:  # a damaged copy that was passed over or replaced
+                print(f"  note: {problem}")
     return 0
 
 
@@ -301,6 +304,8 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
         for status in verify(name, args.data_dir):
             if status.ok:
                 print(f"ok      {name}/{status.name}: {status.path}")
+                if "passed over" in status.detail:
+                    print(f"        note: {status.detail.split('; ', 1)[1]}")
             else:
                 mark = "missing" if status.missing else "BAD    "
                 print(f"{mark} {name}/{status.name}: {status.detail}")
@@ -320,6 +325,9 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     for info in infos:
         state = "verified" if info["verified"] else "not fetched or damaged"
         print(f"{info['dataset']}: {info['title']}\n  folder: {info['folder']} ({state})")
+        for file, status in info["files"].items():
+            if status["ok"] and "passed over" in status["detail"]:
+                print(f"  note: {file}: {status['detail'].split('; ', 1)[1]}")
         if not info["verified"]:
             print(f"  get it with: lenet data fetch {info['dataset']}")
             continue

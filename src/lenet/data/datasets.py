@@ -198,6 +198,9 @@ class LocalCopy:
     path: Path | None  # None when no copy with the right MD5 is there
     data: bytes = b""  # the uncompressed content, when found
     problem: str = ""  # why the copies that are there were refused, or that there are none
+    # Damaged copies met before the verified one (e.g. in the user's folder, when the cache
+    # holds a good copy): never used, but the user should hear of them.
+    passed_over: tuple[str, ...] = ()
 
 
 def find_verified(folders: Sequence[Path], file: DataFile) -> LocalCopy:
@@ -210,7 +213,7 @@ def find_verified(folders: Sequence[Path], file: DataFile) -> LocalCopy:
                 continue
             digest = md5_hex(data)
             if digest == file.md5:
-                return LocalCopy(path, data)
+                return LocalCopy(path, data, passed_over=tuple(problems))
             problems.append(f"{path} has MD5 {digest}, expected {file.md5}")
     where = ", ".join(str(f) for f in folders)
     return LocalCopy(None, problem="; ".join(problems) or f"{file.name} not found in {where}")
@@ -234,24 +237,31 @@ def fetch(
 ) -> FetchReport:
     """Make sure verified copies of all four files of dataset ``name`` are on disk.
 
-    Files already in one of the ``local_folders`` (the user's folder, the cache) are kept;
-    the others are taken from ``extra_sources`` (e.g. a mirror given on the command line), then
-    the dataset's declared remote sources, checked against their MD5 and written atomically
-    into the first local folder. Raises DataError listing every source and why it failed when
-    some file is still missing.
+    Files already in one of the ``local_folders`` are kept: in the user's folder (``data_dir``)
+    where they are, in the cache too when no user's folder is given; with one, the cache's
+    copies are copied into it, the folder named to receive the files. The others are taken
+    from ``extra_sources`` (e.g. a mirror given on the command line), then the dataset's
+    declared remote sources, checked against their MD5 and written atomically into the first
+    local folder. Raises DataError listing every source and why it failed when some file is
+    still missing.
     """
     spec = spec or get_spec(name)
     folders = local_folders(spec, data_dir)
     folder = folders[0]
     report = FetchReport(folder)
+    users = folders[:-1]  # the user's folder and its dataset sub-folder; the cache is last
     missing = []
     for file in spec.files:
         copy = find_verified(folders, file)
-        if copy.path is not None:
-            report.origin[file.name] = f"already in {copy.path.parent}"
-        else:
+        report.failures += copy.passed_over
+        if copy.path is None:
             missing.append(file)
             report.failures.append(copy.problem)
+        elif users and copy.path.parent not in users:
+            write_bytes_atomic(folder / file.name, copy.data)
+            report.origin[file.name] = f"copied from {copy.path.parent}"
+        else:
+            report.origin[file.name] = f"already in {copy.path.parent}"
 
     sources = list(extra_sources) + list(spec.remote_sources())
 
@@ -314,6 +324,8 @@ def verify(name: str = "mnist", data_dir: str | os.PathLike[str] | None = None) 
         ok = copy.path is not None
         missing = not ok and copy.problem.startswith(f"{file.name} not found")
         detail = "MD5 matches" if ok else copy.problem
+        if ok and copy.passed_over:
+            detail += f"; damaged copies passed over: {'; '.join(copy.passed_over)}"
         out.append(FileStatus(file.name, copy.path, ok, missing, detail))
     return out
 
@@ -415,11 +427,12 @@ def describe(name: str, data_dir: str | os.PathLike[str] | None = None) -> dict[
     class counts and pixel statistics (only when the files are present and verified)."""
     spec = get_spec(name)
     statuses = verify(name, data_dir)
-    found = [s.path.parent for s in statuses if s.path is not None]
+    found = list(dict.fromkeys(str(s.path.parent) for s in statuses if s.path is not None))
     info: dict[str, Any] = {
         "dataset": name,
         "title": spec.title,
-        "folder": str(found[0] if found else local_folders(spec, data_dir)[0]),
+        # Where the verified copies are: one folder, or the several they are spread over.
+        "folder": ", ".join(found) if found else str(local_folders(spec, data_dir)[0]),
         "verified": all(s.ok for s in statuses),
         "files": {s.name: {"ok": s.ok, "detail": s.detail} for s in statuses},
         "classes": list(spec.classes),
