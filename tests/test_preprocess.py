@@ -216,6 +216,8 @@ def test_numpy_arrays_of_any_dtype_and_shape(digits):
         paper.astype(np.int64),
         paper[..., :1],  # (H, W, 1)
         paper.astype(np.uint16) * 257,
+        paper.astype(np.int32) * 257,  # 16-bit values in a wider type (Pillow's mode "I")
+        paper.astype(np.float32) * 257,
     ):
         assert similar(preprocess(array).image, reference, 3), array.dtype
     with pytest.raises(ImageError, match="must be"):

@@ -77,6 +77,12 @@ def test_a_long_line_of_digits_is_read(recognizer, test_digits):
     assert right >= 28, (right, [d.best_guess for d in reading.digits], labels[chosen])
 
 
+def test_predict_batch_refuses_one_picture_that_would_be_taken_apart(recognizer, tmp_path):
+    for one in ("digit.png", tmp_path / "digit.png", b"\x89PNG..."):
+        with pytest.raises(TypeError, match="list of pictures"):
+            recognizer.predict_batch(one)
+
+
 def blank(kind):
     rng = np.random.default_rng(3)
     values = {
@@ -114,6 +120,29 @@ def test_evaluate_reproduces_the_bundled_card_exactly(mnist):
     assert done.returncode == 0, done.stderr
     card = read_card(bundled_weights()["lenet-relu"])
     assert json.loads(done.stdout)["accuracy"] == card["test_accuracy"]
+
+
+def test_an_exported_file_where_weights_are_needed_says_so(tmp_path):
+    from lenet.backends import bundled_onnx
+
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(bundled_onnx()["lenet-relu"].read_bytes())
+    done = lenet_cli("evaluate", str(onnx))
+    assert done.returncode == 2
+    assert b"exported model (ONNX)" in done.stderr and b".safetensors" in done.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    # `lenet models --json | head -c 0`: the reader is gone before the first write, which
+    # then fails (EPIPE); the command stops without an error message.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenet", "models", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    assert process.wait(60) == 141
+    assert process.stderr.read() == b""
 
 
 def test_predict_cli_answers_every_input_in_order(test_digits, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -753,6 +754,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lenet: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`lenet evaluate --json | head -c 10`): stop quietly, as other
+        # commands do, and keep Python from complaining again when it flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # the shell's status for a process ended by SIGPIPE
     except OSError as exc:
         # A file system or network problem no layer below anticipated: say what it was.
         print(f"lenet: {exc.strerror or exc} ({exc.filename or 'no file name'}).", file=sys.stderr)

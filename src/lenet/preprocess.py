@@ -201,7 +201,8 @@ def _from_array(array: np.ndarray) -> np.ndarray:
     """Any (H, W), (H, W, 1-4) or (1, H, W) array of grey, grey+alpha, RGB or RGBA values.
 
     Integers are read at their type's range (uint8: 255, uint16: 65535); floats and other
-    integers as [0, 1] when they stay within it, else as 0-255.
+    integers as [0, 1] when they stay within it, else as 0-255 when they stay within that,
+    else as 16-bit values (0-65535), as a 16-bit picture read by Pillow is.
     """
     values = np.asarray(array)
     if values.ndim == 3 and values.shape[0] == 1:
@@ -218,7 +219,9 @@ def _from_array(array: np.ndarray) -> np.ndarray:
         values = values.astype(np.float32) / 65535.0
     else:
         values = values.astype(np.float32)
-        values = np.clip(values / (255.0 if values.max(initial=0) > 1 else 1.0), 0, 1)
+        peak = values.max(initial=0)
+        full = 1.0 if peak <= 1 else 255.0 if peak <= 255 else 65535.0
+        values = np.clip(values / full, 0, 1)
     if values.ndim == 2:
         return values
     channels = values.shape[2]

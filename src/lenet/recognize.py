@@ -185,6 +185,14 @@ class Recognizer:
         A picture that cannot be read gets a Prediction with ``error`` set; the others are
         answered all the same.
         """
+        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)):
+            # A single picture would be taken apart (a path into characters, bytes into
+            # numbers): refused rather than answered nonsensically. (An (N, H, W) array is a
+            # batch: its rows are pictures.)
+            raise TypeError(
+                f"predict_batch takes a list of pictures, not one {type(images).__name__}: "
+                "use predict() for one picture, or pass [picture]."
+            )
         digits: list[Digit | None] = []
         errors: dict[int, str] = {}
         for index, image in enumerate(images):

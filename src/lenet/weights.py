@@ -111,12 +111,22 @@ def best_bundled() -> str:
     return max(bundled, key=lambda name: read_card(bundled[name]).get("test_accuracy") or 0)
 
 
+# What `lenet export` writes: files that hold a model, but not the weights PyTorch loads.
+EXPORTED_SUFFIXES = {".onnx": "ONNX", ".pt": "TorchScript", ".ts": "TorchScript"}
+
+
 def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
     """A weights file from a path, a bundled model's name, or None for the best bundled one."""
     if name_or_path is None:
         name_or_path = best_bundled()
     path = Path(name_or_path)
     if path.is_file():
+        if path.suffix.lower() in EXPORTED_SUFFIXES:
+            raise WeightsError(
+                f"{path} is an exported model ({EXPORTED_SUFFIXES[path.suffix.lower()]}); this "
+                "needs the PyTorch weights (.safetensors) it was exported from. (`lenet predict "
+                "--backend onnx` and `lenet serve --backend onnx` run .onnx files.)"
+            )
         return path
     bundled = bundled_weights()
     if str(name_or_path) in bundled:
