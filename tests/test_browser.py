@@ -164,3 +164,14 @@ def test_the_network_view_shows_feature_maps_of_the_drawing(server, browser):
     titles = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#explanation h3")]
     assert titles[0].startswith("What the model saw") and any("Saliency" in t for t in titles)
     assert any("convolution" in t for t in titles) and any("pooling" in t for t in titles)
+
+
+def test_the_api_docs_render_without_the_internet(server, browser):
+    # Swagger UI's script and styles come from the package (fastapi-offline), not a CDN: this
+    # machine reaches no CDN, so the page would stay blank if it tried.
+    browser.get(server + "/docs")
+    WebDriverWait(browser, 30).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")) >= 3
+    )
+    paths = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
+    assert any("/v1/predict" in p for p in paths), paths

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -275,7 +276,9 @@ def create_app(
         finally:
             service.pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from files in
+    # the fastapi-offline package instead of a CDN, so the docs work without the internet.
+    app = FastAPIOffline(
         title="lenet",
         version=__version__,
         description="Read handwritten digits in pictures with LeNet. Send a picture as a "
