@@ -1,11 +1,12 @@
 """How well the bundled model reads pictures like users send: the figures in the README.
 
     python benchmarks/recognition_accuracy.py [--weights NAME|FILE] [--per-style 500] [--lines 500]
+        [--long-lines 100]
 
 Pictures are built from MNIST *test* digits by tests/userstyle.py (the same generator the
 tests use, with other seeds): paper photos as JPEG and PNG, canvas exports with transparency,
-light chalk on a dark board; lines of 2 to 6 digits; pairs of touching digits; digits typed in
-fonts; and pictures with no digit at all.
+light chalk on a dark board; lines of 2 to 6 digits and of 12 to 30; pairs of touching
+digits; digits typed in fonts; and pictures with no digit at all.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument(
         "--lines", type=int, default=500, help="numbers, and touching pairs, to read"
     )
+    parser.add_argument("--long-lines", type=int, default=100, help="lines of 12-30 digits")
     args = parser.parse_args()
     data = load_dataset("mnist")
     images, labels = data.test.images[:, 0].numpy(), data.test.labels.numpy()
@@ -74,6 +76,21 @@ def main() -> None:
         f"| pairs of touching digits, read exactly (split in two: {split / args.lines:.1%}) "
         f"| {exact / args.lines:.1%} | | |"
     )
+    exact = counted = right = total = 0
+    for _ in range(args.long_lines):
+        chosen = rng.choice(len(images), int(rng.integers(12, 31)))
+        reading = reader.read(userstyle.number_line([images[i] for i in chosen], rng))
+        exact += reading.text == "".join(str(labels[i]) for i in chosen)
+        counted += len(reading.digits) == len(chosen)
+        if len(reading.digits) == len(chosen):
+            right += sum(d.best_guess == labels[i] for d, i in zip(reading.digits, chosen))
+        total += len(chosen)
+    if args.long_lines:
+        print(
+            f"| lines of 12 to 30 digits, read exactly ({args.long_lines} lines; all digits "
+            f"found in {counted / args.long_lines:.0%}, {right / total:.1%} of the digits right) "
+            f"| {exact / args.long_lines:.1%} | | |"
+        )
 
     correct = total = 0
     for name, path in userstyle.FONTS.items():

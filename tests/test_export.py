@@ -189,3 +189,11 @@ def test_export_cli(tmp_path):
     assert done.returncode == 2 and "--format onnx|torchscript" in done.stderr
     done = lenet_cli("export", "nope", "--out", str(tmp_path / "m.onnx"))
     assert done.returncode == 2 and "bundled: lenet, lenet-relu" in done.stderr
+    # A folder, or a file name that says another format than --format: refused at once.
+    done = lenet_cli("export", "lenet", "--out", str(tmp_path), "--no-check")
+    assert done.returncode == 2 and "is a folder" in done.stderr
+    done = lenet_cli(
+        "export", "lenet", "--format", "torchscript", "--out", str(tmp_path / "m.onnx")
+    )
+    assert done.returncode == 2 and "named as onnx but --format is torchscript" in done.stderr
+    assert not (tmp_path / "m.onnx").exists()

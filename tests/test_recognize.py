@@ -132,6 +132,17 @@ def test_an_exported_file_where_weights_are_needed_says_so(tmp_path):
     assert b"exported model (ONNX)" in done.stderr and b".safetensors" in done.stderr
 
 
+def test_predict_json_lists_the_top_k(test_digits, tmp_path):
+    images, labels = test_digits
+    picture = tmp_path / "d.png"
+    Image.fromarray(images[3]).save(picture)
+    done = lenet_cli("predict", str(picture), "--topk", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    top = json.loads(done.stdout)["top"]
+    assert [t["digit"] for t in top][0] == labels[3] and len(top) == 3
+    assert top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+
+
 def test_a_reader_that_goes_away_ends_the_output_quietly():
     # `lenet models --json | head -c 0`: the reader is gone before the first write, which
     # then fails (EPIPE); the command stops without an error message.

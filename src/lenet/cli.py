@@ -141,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the most accurate bundled model",
     )  # fmt: skip
     predict.add_argument("--multi", action="store_true", help="read several digits in a row")
-    predict.add_argument("--topk", type=_positive_int, default=1, help="show the K likeliest")
+    predict.add_argument(
+        "--topk",
+        type=_positive_int,
+        default=1,
+        help="show the K likeliest digits (not with --multi)",
+    )
     predict.add_argument("--json", action="store_true", help="one JSON object per input line")
     predict.add_argument(
         "--save-inputs", metavar="DIR", help="write the 28x28 image(s) the model saw as PNG"
@@ -448,7 +453,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         held_out = (
             f"validation {result.val_accuracy:.2%}"
             if result.val_accuracy is not None
-            else "no validation split: trained on all training images"
+            else "no validation split held out"
         )
         print(
             f"{result.config.model} on {result.config.dataset}: test accuracy "
@@ -612,6 +617,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     suffix = f"-{k}" if args.multi else ""
                     Image.fromarray(answer.image).save(save / f"{stem}{suffix}.png")
         if args.json:
+            if args.topk > 1 and not args.multi:
+                probabilities = answers[0].probabilities
+                order = np.argsort(probabilities)[::-1][: args.topk] if probabilities else []
+                result["top"] = [
+                    {"digit": int(k), "probability": round(probabilities[k], 6)} for k in order
+                ]
             print(json.dumps({"file": name, **result}), flush=True)
         elif args.multi:
             text = result["text"] if result["text"] is not None else "?"

@@ -107,11 +107,19 @@ class ExportResult:
 
 def format_for(out: str | os.PathLike[str], fmt: str | None) -> str:
     """The format asked for, or the one the output file's suffix names."""
+    suffix = Path(out).suffix.lower()
+    if Path(out).is_dir():
+        raise ExportError(f"{out} is a folder: give a file name, e.g. {Path(out) / 'model.onnx'}.")
     if fmt is not None:
         if fmt not in FORMATS:
             raise ExportError(f"Unknown format {fmt!r}: choose {' or '.join(FORMATS)}.")
+        if suffix in SUFFIXES and SUFFIXES[suffix] != fmt:
+            # A TorchScript file named .onnx fails later, far from here, as "not ONNX".
+            raise ExportError(
+                f"{out} is named as {SUFFIXES[suffix]} but --format is {fmt}: name the file "
+                f"{'.onnx' if fmt == 'onnx' else '.pt'}, or leave --format out."
+            )
         return fmt
-    suffix = Path(out).suffix.lower()
     if suffix not in SUFFIXES:
         raise ExportError(
             f"Cannot tell the format from {out!r}: pass --format onnx|torchscript "
