@@ -118,6 +118,13 @@ def test_unsound_ensembles_are_refused_with_a_reason(members, ensemble, tmp_path
         build_ensemble([members[0], tmp_path], tmp_path / "folder.safetensors")
     with pytest.raises(WeightsError, match=r"\.safetensors file"):
         build_ensemble(members, tmp_path / "pair.onnx")
+    # The same weights twice (or a copy of them) would count one model double.
+    twin = tmp_path / "twin.safetensors"
+    shutil.copy(members[0], twin)
+    shutil.copy(members[0].with_suffix(".json"), twin.with_suffix(".json"))
+    for pair in ([members[0], members[0]], [members[0], twin]):
+        with pytest.raises(WeightsError, match="same weights"):
+            build_ensemble(pair, tmp_path / "double.safetensors")
 
     # A member that reads its input differently (another normalisation) cannot be averaged.
     other = tmp_path / "other.safetensors"

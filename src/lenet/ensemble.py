@@ -27,7 +27,7 @@ from lenet.device import resolve_device
 from lenet.errors import WeightsError
 from lenet.evaluation import evaluate_model, trained_on
 from lenet.models import ENSEMBLE, Ensemble, count_macs, count_parameters
-from lenet.weights import LoadedWeights, load_weights, save_weights
+from lenet.weights import LoadedWeights, file_sha256, load_weights, resolve_weights, save_weights
 
 # `lenet train` writes a run's weights under this name, so a run folder can name a member.
 RUN_WEIGHTS_NAME = "model.safetensors"
@@ -116,7 +116,18 @@ def build_ensemble(
     if out.suffix != ".safetensors":
         raise WeightsError(f"--out {out}: write the ensemble to a .safetensors file.")
     torch_device = resolve_device(device)
-    loaded = [load_weights(member_path(m), torch_device) for m in members]
+    paths = [resolve_weights(member_path(m)) for m in members]
+    seen: dict[str, Path] = {}
+    for path in paths:
+        # The same weights twice would count one model double, not add a member.
+        digest = file_sha256(path)
+        if digest in seen:
+            raise WeightsError(
+                f"{seen[digest]} and {path} are the same weights: an ensemble's members must "
+                "be different models (e.g. trained with different --seed)."
+            )
+        seen[digest] = path
+    loaded = [load_weights(path, torch_device) for path in paths]
     check_compatible(loaded)
     model = Ensemble([m.model for m in loaded], [m.temperature for m in loaded])
     model = model.to(torch_device).eval()
