@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument(
         "--max-pixels", type=_positive_int, default=None, metavar="N",
-        help="largest picture, checked before decoding (default 40,000,000)",
+        help="largest picture, checked before decoding (default 40,000,000; Pillow itself "
+        "refuses pictures over about 179 million pixels)",
     )  # fmt: skip
     serve.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS",

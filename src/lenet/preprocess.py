@@ -99,8 +99,11 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
                 f"This is not an image lenet can read (or it is damaged). Supported: {SUPPORTED}."
             ) from None
         except Image.DecompressionBombError as exc:
+            # Pillow's own guard, met before lenet's check (which needs the size it refuses).
             raise ImageTooLarge(
-                f"The image is over the limit of pixels lenet decodes: {exc}"
+                f"The image has more pixels than lenet decodes (at most {max_pixels:,}): "
+                f"{str(exc).rstrip('.')}. Scale it down (a digit needs only a few hundred pixels a "
+                "side)."
             ) from None
         except Exception as exc:  # decoders raise many types on damaged headers
             raise ImageError(
