@@ -101,7 +101,7 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
         except Image.DecompressionBombError as exc:
             # Pillow's own guard, met before lenet's check (which needs the size it refuses).
             raise ImageTooLarge(
-                f"The image has more pixels than lenet decodes (at most {max_pixels:,}): "
+                f"The image is over the limit of {max_pixels:,} pixels lenet decodes: "
                 f"{str(exc).rstrip('.')}. Scale it down (a digit needs only a few hundred pixels a "
                 "side)."
             ) from None
