@@ -294,7 +294,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     mirrors = [HttpMirror(url) for url in args.mirror]
     for name in _datasets(args.dataset):
         report = fetch(name, args.data_dir, progress=sys.stderr.isatty(), extra_sources=mirrors)
-        print(f"{name}: verified")
+        print(f"{name}: verified in {', '.join(str(f) for f in report.folders)}")
         for file, origin in report.origin.items():
             print(f"  {file}: {origin}")
         for problem in report.failures:

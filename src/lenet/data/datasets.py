@@ -223,9 +223,15 @@ def find_verified(folders: Sequence[Path], file: DataFile) -> LocalCopy:
 class FetchReport:
     """What ``fetch`` did: where each file came from, and why other sources were passed over."""
 
-    folder: Path
+    folder: Path  # where fetched files are written
     origin: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    located: dict[str, Path] = field(default_factory=dict)  # the folder of each verified file
+
+    @property
+    def folders(self) -> list[Path]:
+        """The folders the verified files are in (usually one)."""
+        return list(dict.fromkeys(self.located.values()))
 
 
 def fetch(
@@ -260,8 +266,10 @@ def fetch(
         elif users and copy.path.parent not in users:
             write_bytes_atomic(folder / file.name, copy.data)
             report.origin[file.name] = f"copied from {copy.path.parent}"
+            report.located[file.name] = folder
         else:
             report.origin[file.name] = f"already in {copy.path.parent}"
+            report.located[file.name] = copy.path.parent
 
     sources = list(extra_sources) + list(spec.remote_sources())
 
@@ -289,6 +297,7 @@ def fetch(
                 continue
             write_bytes_atomic(folder / file.name, data)
             report.origin[file.name] = source.description
+            report.located[file.name] = folder
         missing = still_missing
 
     if missing:
