@@ -258,3 +258,14 @@ def test_cli_bad_input_gets_a_clear_message(args, message, tmp_path):
     done = _lenet(*args, check=False)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_device_this_machine_lacks_leaves_no_run_folder(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    done = _lenet("train", "--device", "cuda", "--out", str(out), check=False)
+    assert done.returncode == 2 and "sees no CUDA GPU" in done.stderr
+    assert not out.exists()

@@ -319,6 +319,9 @@ def train(
     batch, and only rank 0 writes the run folder or prints progress.
     """
     config = validate(config)
+    # Before the run folder is made: a device this machine lacks leaves no empty folder behind.
+    # (The device is a runtime setting: a resumed run takes it from ``config`` too.)
+    device = distributed.device if distributed is not None else resolve_device(config.device)
     # Under torchrun only rank 0 touches the folder; every rank gets its checkpoint from rank 0.
     run_dir, checkpoint = on_main(distributed, lambda: _open_run_dir(config, resume, force))
     if resume:
@@ -330,7 +333,6 @@ def train(
     main = distributed is None or distributed.is_main
     progress = progress and main
 
-    device = distributed.device if distributed is not None else resolve_device(config.device)
     if config.threads is not None:
         configure_threads(config.threads)
     if dataset is None:
