@@ -176,3 +176,13 @@ def test_the_cli_draws_without_a_display_and_json_needs_no_matplotlib(mnist, tmp
     assert Image.open(out).size == (1600, 1030)
     sent = json.loads(json_line)
     assert sent["file"] == str(picture) and sent["digit"] == 7 and len(sent["layers"]) == 4
+
+
+def test_the_cli_refuses_to_write_a_png_under_another_name(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "lenet", "explain", "x.png", "--out", str(tmp_path / "e.jpg")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "name it .png" in done.stderr
+    assert not (tmp_path / "e.jpg").exists()

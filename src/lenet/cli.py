@@ -534,6 +534,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lenet import plots
     from lenet.explain import explain
 
+    if args.out is not None and Path(args.out).suffix.lower() != ".png":
+        raise LenetError(f"--out {args.out}: the explanation is a PNG picture; name it .png.")
     if not args.json:
         plots.require_matplotlib()
     explained = explain(args.image, args.weights)
