@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from lenet.cli import main
+from lenet.errors import LenetError
 from lenet.report import resolve_source
 from lenet.weights import bundled_weights, read_card
 
@@ -185,6 +186,10 @@ def test_where_the_curves_come_from(tmp_path):
     assert resolve_source(alone / "w.safetensors").history is None
     assert "metrics.jsonl" in resolve_source(alone / "w.safetensors").why_no_curves
     assert "bundled" in resolve_source("lenet").why_no_curves
+    # A line with a word where a number belongs (edited by hand, damaged): a clear error.
+    (run / "metrics.jsonl").write_text(json.dumps({**lines[0], "train_loss": "NaN"}) + "\n")
+    with pytest.raises(LenetError, match="line 1 does not hold an epoch's numbers.*train_loss"):
+        resolve_source(run)
     # A run that has not finished: what to do.
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "checkpoint.pt").write_bytes(b"")

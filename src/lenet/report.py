@@ -172,13 +172,32 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            history.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LenetError(
                 f"{path} line {number} is not JSON ({exc.msg}): the file is damaged. "
                 "Training rewrites it after every epoch; resume or re-train the run."
             ) from None
+        # The figures and tables need numbers where training writes numbers.
+        wrong = [
+            key
+            for key in METRIC_NUMBERS
+            if not isinstance(entry, dict)
+            or (key in entry and not isinstance(entry[key], (int, float, type(None))))
+            or (key in ("epoch", "train_loss", "train_accuracy") and key not in entry)
+        ]
+        if wrong:
+            raise LenetError(
+                f"{path} line {number} does not hold an epoch's numbers (wrong or missing: "
+                f"{', '.join(wrong)}): the file is damaged. Training rewrites it after every "
+                "epoch; resume or re-train the run."
+            )
+        history.append(entry)
     return history
+
+
+# What each line of metrics.jsonl holds as numbers (val_* are null without validation).
+METRIC_NUMBERS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
 @dataclass(frozen=True)
