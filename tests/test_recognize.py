@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -146,10 +147,14 @@ def test_predict_json_lists_the_top_k(test_digits, tmp_path):
 def test_a_reader_that_goes_away_ends_the_output_quietly():
     # `lenet models --json | head -c 0`: the reader is gone before the first write, which
     # then fails (EPIPE); the command stops without an error message.
+    # Without PYTHONUNBUFFERED (which some shells and CI set), as most users run it: the
+    # output is buffered and written at the end.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     process = subprocess.Popen(
         [sys.executable, "-m", "lenet", "models", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=env,
     )
     process.stdout.close()
     assert process.wait(60) == 141

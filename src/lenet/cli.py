@@ -733,32 +733,39 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {
+    "models": "cmd_models",
+    "train": "cmd_train",
+    "evaluate": "cmd_evaluate",
+    "predict": "cmd_predict",
+    "export": "cmd_export",
+    "ensemble": "cmd_ensemble",
+    "report": "cmd_report",
+    "explain": "cmd_explain",
+    "serve": "cmd_serve",
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The subcommand ``args`` names; its exit status."""
+    if args.command == "data":
+        handler = {"fetch": cmd_data_fetch, "info": cmd_data_info, "verify": cmd_data_verify}
+        return handler[args.data_command](args)
+    if args.command in COMMANDS:
+        return globals()[COMMANDS[args.command]](args)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `lenet` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "data":
-            handler = {"fetch": cmd_data_fetch, "info": cmd_data_info, "verify": cmd_data_verify}
-            return handler[args.data_command](args)
-        if args.command == "models":
-            return cmd_models(args)
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "evaluate":
-            return cmd_evaluate(args)
-        if args.command == "predict":
-            return cmd_predict(args)
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "ensemble":
-            return cmd_ensemble(args)
-        if args.command == "report":
-            return cmd_report(args)
-        if args.command == "explain":
-            return cmd_explain(args)
-        if args.command == "serve":
-            return cmd_serve(args)
+        status = _run(args)
+        # Output to a pipe is buffered: written here, where a reader gone away is handled,
+        # rather than when Python exits.
+        sys.stdout.flush()
+        return status
     except TrainingInterrupted as exc:
         print(f"lenet: {exc}", file=sys.stderr)
         return 130
@@ -777,7 +784,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A file system or network problem no layer below anticipated: say what it was.
         print(f"lenet: {exc.strerror or exc} ({exc.filename or 'no file name'}).", file=sys.stderr)
         return 2
-    return 2
 
 
 if __name__ == "__main__":
