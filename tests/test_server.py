@@ -446,7 +446,7 @@ def test_hang_ups_stalls_head_and_wrong_methods_on_a_real_server(test_digits):
         # A client that hangs up part-way through its upload: no 5xx, no traceback.
         head = (
             b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            b"Content-Length: 1000\r\n\r\n"
+            b"Content-Length: 1000\r\nConnection: close\r\n\r\n"
         )
         for _ in range(3):
             _raw_request(base, head + png_bytes[:4], read=False)
@@ -457,7 +457,8 @@ def test_hang_ups_stalls_head_and_wrong_methods_on_a_real_server(test_digits):
         assert time.monotonic() - started < 10
         # HEAD wherever GET answers; a wrong method says which ones are allowed.
         for path in ("/", "/healthz", "/readyz", "/metrics", "/v1/models"):
-            answer = _raw_request(base, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head_request = f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            answer = _raw_request(base, head_request.encode())
             assert answer.startswith(b"HTTP/1.1 200"), (path, answer[:100])
         wrong = _raw_request(
             base, b"DELETE /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -488,9 +489,23 @@ def test_serve_announces_the_port_it_bound_and_only_once_bound():
         text=True,
     )
     try:
-        line = process.stdout.readline()
-        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
-        assert port != 0, line
+        # The ready line, among whatever else start-up prints, within a minute.
+        found = []
+        reader = threading.Thread(
+            target=lambda: found.extend(
+                m
+                for line in process.stdout
+                if (m := re.search(r"http://127\.0\.0\.1:(\d+)/", line))
+            ),
+            daemon=True,
+        )
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not found and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert found, "no ready line within 60 s"
+        port = int(found[0].group(1))
+        assert port != 0, found[0].group(0)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
             assert answer.status == 200
     finally:
@@ -517,6 +532,13 @@ def test_serve_announces_the_port_it_bound_and_only_once_bound():
         timeout=60,
     )
     assert bad.returncode == 2 and "--timeout must be a positive number" in bad.stderr
+    both = subprocess.run(
+        [sys.executable, "-m", "lenet", "serve", "--port", "0", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert both.returncode == 2 and "--port 0" in both.stderr
 
 
 def test_explain_uses_the_weights_an_onnx_model_was_exported_from(tmp_path, test_digits):

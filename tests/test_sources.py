@@ -160,6 +160,8 @@ def test_a_damaged_local_copy_is_never_used_and_gets_replaced(http_root, tmp_pat
     report = fetch(spec=spec, data_dir=tmp_path / "data")
     assert report.folder == folder
     assert any("expected" in f for f in report.failures)
+    assert any(str(folder / NAMES[0]) in p for p in report.passed_over)
+    assert report.origin[NAMES[0]].endswith(f"replacing the damaged {folder / NAMES[0]}")
     assert (folder / NAMES[0]).read_bytes() == files[NAMES[0]]
 
 
@@ -328,6 +330,6 @@ def test_a_users_folder_receives_the_cache_copies_and_hears_of_damaged_ones(tmp_
     assert all((user / "tiny" / n).read_bytes() == data for n, data in files.items())
     assert all(report.origin[n] == f"copied from {cache}" for n in NAMES)
     assert report.folders == [user / "tiny"]
-    assert any(str(user / NAMES[0]) in f and "expected" in f for f in report.failures)
+    assert any(str(user / NAMES[0]) in f and "expected" in f for f in report.passed_over)
     assert (user / NAMES[0]).read_bytes() == files[NAMES[0]][:-5]
     assert datasets.describe("tiny", user)["folder"] == str(user / "tiny")

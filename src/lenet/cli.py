@@ -297,9 +297,8 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
         print(f"{name}: verified in {', '.join(str(f) for f in report.folders)}")
         for file, origin in report.origin.items():
             print(f"  {file}: {origin}")
-        for problem in report.failures:
-            if "expected" in problem:  # a damaged copy that was passed over or replaced
-                print(f"  note: {problem}")
+        for problem in report.passed_over:
+            print(f"  note: passed over {problem}")
     return 0
 
 
@@ -659,6 +658,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     if not 0 <= args.port <= 65535:
         raise LenetError(f"--port {args.port} is not a port number (0-65535).")
+    if args.port == 0 and args.workers > 1:
+        # Each worker would announce port 0: uvicorn binds the port before they start.
+        raise LenetError("--port 0 (a free port) works with one worker: give a port number.")
     if not math.isfinite(args.timeout) or args.timeout <= 0:
         raise LenetError(f"--timeout must be a positive number of seconds, not {args.timeout}.")
     from lenet.recognize import Recognizer

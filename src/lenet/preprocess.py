@@ -165,7 +165,7 @@ def _to_grey(image: Image.Image) -> tuple[np.ndarray, float]:
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             image = ImageOps.exif_transpose(image)
         # The largest whole factor that keeps the picture at least at the working size (the
-        # tolerance: 1 / (320 / 960) is 3.0000000000000004 in floats, and may be just under 3).
+        # tolerance: a quotient that should be whole may land just under it in floats).
         shrink = int(1.0 / work_scale(*image.size) + 1e-9)
         if shrink >= 2 and image.mode in ("L", "LA", "RGB", "RGBA", "CMYK", "P"):
             image = (image.convert("RGBA") if image.mode == "P" else image).reduce(shrink)

@@ -227,11 +227,18 @@ class FetchReport:
     origin: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     located: dict[str, Path] = field(default_factory=dict)  # the folder of each verified file
+    # Copies on disk that were not used (damaged, unreadable), for the user to hear of.
+    passed_over: list[str] = field(default_factory=list)
 
     @property
     def folders(self) -> list[Path]:
         """The folders the verified files are in (usually one)."""
         return list(dict.fromkeys(self.located.values()))
+
+
+def _replacing(path: Path) -> str:
+    """What to add to a file's origin when writing it replaces a (damaged) copy."""
+    return f", replacing the damaged {path}" if path.exists() else ""
 
 
 def fetch(
@@ -259,13 +266,17 @@ def fetch(
     missing = []
     for file in spec.files:
         copy = find_verified(folders, file)
-        report.failures += copy.passed_over
+        report.passed_over += copy.passed_over
         if copy.path is None:
             missing.append(file)
             report.failures.append(copy.problem)
+            if not copy.problem.startswith(f"{file.name} not found"):
+                report.passed_over.append(copy.problem)
         elif users and copy.path.parent not in users:
+            report.origin[file.name] = f"copied from {copy.path.parent}" + _replacing(
+                folder / file.name
+            )
             write_bytes_atomic(folder / file.name, copy.data)
-            report.origin[file.name] = f"copied from {copy.path.parent}"
             report.located[file.name] = folder
         else:
             report.origin[file.name] = f"already in {copy.path.parent}"
@@ -295,8 +306,8 @@ def fetch(
                 )
                 still_missing.append(file)
                 continue
+            report.origin[file.name] = source.description + _replacing(folder / file.name)
             write_bytes_atomic(folder / file.name, data)
-            report.origin[file.name] = source.description
             report.located[file.name] = folder
         missing = still_missing
 
