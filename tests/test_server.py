@@ -375,16 +375,21 @@ def json_load(answer):
     return json.loads(answer.read())
 
 
-def test_serve_cli_reports_a_wrong_model_before_serving():
+def _serve_at_once(*options):
+    """`lenet serve OPTIONS` run to its end: for options it must refuse before serving."""
     import subprocess
     import sys
 
-    done = subprocess.run(
-        [sys.executable, "-m", "lenet", "serve", "--weights", "alexnet", "--port", "1"],
+    return subprocess.run(
+        [sys.executable, "-m", "lenet", "serve", *options],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_serve_cli_reports_a_wrong_model_before_serving():
+    done = _serve_at_once("--weights", "alexnet", "--port", "1")
     assert done.returncode == 2 and "alexnet is neither" in done.stderr
 
 
@@ -525,19 +530,9 @@ def test_serve_announces_the_port_it_bound_and_only_once_bound():
         )
     assert done.returncode != 0 and "ready" not in done.stdout, done.stdout
     assert "address already in use" in (done.stdout + done.stderr).lower()
-    bad = subprocess.run(
-        [sys.executable, "-m", "lenet", "serve", "--timeout", "nan"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = _serve_at_once("--timeout", "nan")
     assert bad.returncode == 2 and "--timeout must be a positive number" in bad.stderr
-    both = subprocess.run(
-        [sys.executable, "-m", "lenet", "serve", "--port", "0", "--workers", "2"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    both = _serve_at_once("--port", "0", "--workers", "2")
     assert both.returncode == 2 and "--port 0" in both.stderr
 
 

@@ -310,8 +310,8 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
         for status in verify(name, args.data_dir):
             if status.ok:
                 print(f"ok      {name}/{status.name}: {status.path}")
-                if "passed over" in status.detail:
-                    print(f"        note: {status.detail.split('; ', 1)[1]}")
+                for problem in status.passed_over:
+                    print(f"        note: passed over {problem}")
             else:
                 mark = "missing" if status.missing else "BAD    "
                 print(f"{mark} {name}/{status.name}: {status.detail}")
@@ -332,8 +332,8 @@ def cmd_data_info(args: argparse.Namespace) -> int:
         state = "verified" if info["verified"] else "not fetched or damaged"
         print(f"{info['dataset']}: {info['title']}\n  folder: {info['folder']} ({state})")
         for file, status in info["files"].items():
-            if status["ok"] and "passed over" in status["detail"]:
-                print(f"  note: {file}: {status['detail'].split('; ', 1)[1]}")
+            for problem in status["passed_over"]:
+                print(f"  note: {file}: passed over {problem}")
         if not info["verified"]:
             print(f"  get it with: lenet data fetch {info['dataset']}")
             continue
@@ -735,27 +735,23 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
-    "models": "cmd_models",
-    "train": "cmd_train",
-    "evaluate": "cmd_evaluate",
-    "predict": "cmd_predict",
-    "export": "cmd_export",
-    "ensemble": "cmd_ensemble",
-    "report": "cmd_report",
-    "explain": "cmd_explain",
-    "serve": "cmd_serve",
-}
-
-
 def _run(args: argparse.Namespace) -> int:
     """The subcommand ``args`` names; its exit status."""
     if args.command == "data":
         handler = {"fetch": cmd_data_fetch, "info": cmd_data_info, "verify": cmd_data_verify}
         return handler[args.data_command](args)
-    if args.command in COMMANDS:
-        return globals()[COMMANDS[args.command]](args)
-    return 2
+    commands = {
+        "models": cmd_models,
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "predict": cmd_predict,
+        "export": cmd_export,
+        "ensemble": cmd_ensemble,
+        "report": cmd_report,
+        "explain": cmd_explain,
+        "serve": cmd_serve,
+    }
+    return commands[args.command](args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,10 +38,16 @@ from lenet.backends import (
 )
 from lenet.errors import ExportError, WeightsError
 from lenet.inference_graph import GRAPH_NOTE, inference_graph
-from lenet.weights import LoadedWeights, file_sha256, load_weights, resolve_weights
+from lenet.weights import (
+    EXPORTED_SUFFIXES,
+    LoadedWeights,
+    file_sha256,
+    load_weights,
+    resolve_weights,
+)
 
 FORMATS = ("onnx", "torchscript")
-SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
+SUFFIXES = EXPORTED_SUFFIXES
 PARITY_TOLERANCE = 1e-4  # max |logit difference| allowed against PyTorch
 INT8_MAX_ACCURACY_LOSS = 0.001  # 0.1 percentage points of test accuracy against float
 # Training images that calibrate the int8 activation ranges: enough to cover the digits'

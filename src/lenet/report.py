@@ -178,14 +178,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 f"{path} line {number} is not JSON ({exc.msg}): the file is damaged. "
                 "Training rewrites it after every epoch; resume or re-train the run."
             ) from None
-        # The figures and tables need numbers where training writes numbers.
-        wrong = [
-            key
-            for key in METRIC_NUMBERS
-            if not isinstance(entry, dict)
-            or (key in entry and not isinstance(entry[key], (int, float, type(None))))
-            or (key in ("epoch", "train_loss", "train_accuracy") and key not in entry)
-        ]
+        wrong = _not_numbers(entry)
         if wrong:
             raise LenetError(
                 f"{path} line {number} does not hold an epoch's numbers (wrong or missing: "
@@ -196,8 +189,20 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return history
 
 
-# What each line of metrics.jsonl holds as numbers (val_* are null without validation).
-METRIC_NUMBERS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+# What each line of metrics.jsonl holds as numbers; the validation ones are null (or absent)
+# without validation.
+METRIC_NUMBERS = ("epoch", "train_loss", "train_accuracy")
+OPTIONAL_METRIC_NUMBERS = ("val_loss", "val_accuracy")
+
+
+def _not_numbers(entry: Any) -> list[str]:
+    """The keys of a metrics line that the figures and tables need as numbers but are not."""
+    if not isinstance(entry, dict):
+        return list(METRIC_NUMBERS)
+    numbers = (int, float)
+    return [k for k in METRIC_NUMBERS if not isinstance(entry.get(k), numbers)] + [
+        k for k in OPTIONAL_METRIC_NUMBERS if not isinstance(entry.get(k), (*numbers, type(None)))
+    ]
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,10 @@ def best_bundled() -> str:
     return max(bundled, key=lambda name: read_card(bundled[name]).get("test_accuracy") or 0)
 
 
-# What `lenet export` writes: files that hold a model, but not the weights PyTorch loads.
-EXPORTED_SUFFIXES = {".onnx": "ONNX", ".pt": "TorchScript", ".ts": "TorchScript"}
+# What `lenet export` writes, by suffix: files that hold a model, but not the weights PyTorch
+# loads.
+EXPORTED_SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
+FORMAT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript"}
 
 
 def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
@@ -123,7 +125,8 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
     if path.is_file():
         if path.suffix.lower() in EXPORTED_SUFFIXES:
             raise WeightsError(
-                f"{path} is an exported model ({EXPORTED_SUFFIXES[path.suffix.lower()]}); this "
+                f"{path} is an exported model "
+                f"({FORMAT_NAMES[EXPORTED_SUFFIXES[path.suffix.lower()]]}); this "
                 "needs the PyTorch weights (.safetensors) it was exported from. (`lenet predict "
                 "--backend onnx` and `lenet serve --backend onnx` run .onnx files.)"
             )

@@ -198,8 +198,8 @@ class LocalCopy:
     path: Path | None  # None when no copy with the right MD5 is there
     data: bytes = b""  # the uncompressed content, when found
     problem: str = ""  # why the copies that are there were refused, or that there are none
-    # Damaged copies met before the verified one (e.g. in the user's folder, when the cache
-    # holds a good copy): never used, but the user should hear of them.
+    # The damaged or unreadable copies met on the way (e.g. in the user's folder, when the
+    # cache holds a good copy): never used, but the user should hear of them.
     passed_over: tuple[str, ...] = ()
 
 
@@ -216,7 +216,8 @@ def find_verified(folders: Sequence[Path], file: DataFile) -> LocalCopy:
                 return LocalCopy(path, data, passed_over=tuple(problems))
             problems.append(f"{path} has MD5 {digest}, expected {file.md5}")
     where = ", ".join(str(f) for f in folders)
-    return LocalCopy(None, problem="; ".join(problems) or f"{file.name} not found in {where}")
+    problem = "; ".join(problems) or f"{file.name} not found in {where}"
+    return LocalCopy(None, problem=problem, passed_over=tuple(problems))
 
 
 @dataclass
@@ -270,8 +271,6 @@ def fetch(
         if copy.path is None:
             missing.append(file)
             report.failures.append(copy.problem)
-            if not copy.problem.startswith(f"{file.name} not found"):
-                report.passed_over.append(copy.problem)
         elif users and copy.path.parent not in users:
             report.origin[file.name] = f"copied from {copy.path.parent}" + _replacing(
                 folder / file.name
@@ -332,6 +331,7 @@ class FileStatus:
     ok: bool
     missing: bool  # no copy at all (as opposed to only damaged ones)
     detail: str
+    passed_over: tuple[str, ...] = ()  # damaged or unreadable copies that were not used
 
 
 def verify(name: str = "mnist", data_dir: str | os.PathLike[str] | None = None) -> list[FileStatus]:
@@ -342,11 +342,11 @@ def verify(name: str = "mnist", data_dir: str | os.PathLike[str] | None = None) 
     for file in spec.files:
         copy = find_verified(folders, file)
         ok = copy.path is not None
-        missing = not ok and copy.problem.startswith(f"{file.name} not found")
+        missing = not ok and not copy.passed_over
         detail = "MD5 matches" if ok else copy.problem
         if ok and copy.passed_over:
             detail += f"; damaged copies passed over: {'; '.join(copy.passed_over)}"
-        out.append(FileStatus(file.name, copy.path, ok, missing, detail))
+        out.append(FileStatus(file.name, copy.path, ok, missing, detail, copy.passed_over))
     return out
 
 
@@ -454,7 +454,10 @@ def describe(name: str, data_dir: str | os.PathLike[str] | None = None) -> dict[
         # Where the verified copies are: one folder, or the several they are spread over.
         "folder": ", ".join(found) if found else str(local_folders(spec, data_dir)[0]),
         "verified": all(s.ok for s in statuses),
-        "files": {s.name: {"ok": s.ok, "detail": s.detail} for s in statuses},
+        "files": {
+            s.name: {"ok": s.ok, "detail": s.detail, "passed_over": list(s.passed_over)}
+            for s in statuses
+        },
         "classes": list(spec.classes),
     }
     if info["verified"]:

@@ -27,10 +27,7 @@ class _AnnouncingServer(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         if self.started:  # uvicorn has bound the port (it exits on a bind error)
-            port = self.config.port
-            for server in self.servers:
-                for sock in server.sockets:
-                    port = sock.getsockname()[1]
+            port = self.servers[0].sockets[0].getsockname()[1]
             print(ready_line(self.model, self.config.host, port), flush=True)
 
 
