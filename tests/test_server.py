@@ -4,6 +4,8 @@ import asyncio
 import importlib.util
 import io
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -567,3 +569,48 @@ def test_explain_uses_the_weights_an_onnx_model_was_exported_from(tmp_path, test
     with TestClient(create_app(settings)) as serving:
         refused = serving.post("/v1/explain", files={"image": data})
     assert refused.status_code == 501 and "mine.safetensors" in refused.json()["error"]
+
+
+ALLOCATION_PROBE = """
+import io, resource, sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+from PIL import Image
+from lenet.preprocess import preprocess
+from lenet.server.allocator import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+rng = np.random.default_rng(0)
+canvas = np.zeros((280, 280, 4), np.uint8)
+canvas[60:220, 120:160, 3] = 255  # a drawn 1, as the page sends it
+buffer = io.BytesIO()
+Image.fromarray(canvas, "RGBA").save(buffer, "PNG")
+data = buffer.getvalue()
+pool = ThreadPoolExecutor(2)  # two requests at once, as the server's pool runs them
+def pictures(n):
+    for _ in range(n // 2):
+        for future in [pool.submit(preprocess, data) for _ in range(2)]:
+            future.result()
+pictures(20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+pictures(100)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_the_server_keeps_freed_memory_instead_of_faulting_it_back():
+    """Reading pictures in two threads made glibc return and re-fault ~550 pages a picture;
+    `lenet serve` keeps freed blocks (lenet.server.allocator)."""
+
+    def faults(mode):
+        run = subprocess.run(
+            [sys.executable, "-c", ALLOCATION_PROBE, mode], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return float(run.stdout)
+
+    default, kept = faults("default"), faults("keep")
+    assert kept < 5, (default, kept)
+    # The probe is sensitive: without the setting it faults pages back on every picture.
+    assert default > 50, (default, kept)

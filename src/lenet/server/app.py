@@ -38,6 +38,7 @@ from lenet.errors import LenetError
 from lenet.preprocess import DEFAULT_MAX_PIXELS
 from lenet.recognize import Prediction, Recognizer
 from lenet.server import schemas
+from lenet.server.allocator import keep_freed_memory
 from lenet.server.metrics import MetricsMiddleware, ServiceMetrics
 from lenet.server.uploads import read_upload
 
@@ -442,4 +443,5 @@ def create_app(
 
 def create_app_from_env() -> FastAPI:
     """The app factory uvicorn's worker processes call (`lenet serve --workers N`)."""
+    keep_freed_memory()
     return create_app(ServeSettings.from_env(), announce=True)

@@ -13,6 +13,7 @@ from typing import Any
 import uvicorn
 
 from lenet.recognize import Recognizer
+from lenet.server.allocator import keep_freed_memory
 from lenet.server.app import SETTINGS_ENV, ServeSettings, create_app, ready_line
 from lenet.server.metrics import MULTIPROC_ENV
 
@@ -33,6 +34,7 @@ class _AnnouncingServer(uvicorn.Server):
 
 def run(settings: ServeSettings, recognizer: Recognizer, workers: int, access_log: bool) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM)."""
+    keep_freed_memory()
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
