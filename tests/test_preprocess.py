@@ -220,6 +220,15 @@ def test_numpy_arrays_of_any_dtype_and_shape(digits):
         paper.astype(np.float32) * 257,
     ):
         assert similar(preprocess(array).image, reference, 3), array.dtype
+    # Values that are no pixels are refused, not read as a blank picture or cut to their
+    # real part.
+    spoiled = paper.astype(np.float32)
+    spoiled[100, 100:103, 0] = [np.nan, np.inf, -np.inf]
+    with pytest.raises(ImageError, match="3 NaN or infinite"):
+        preprocess(spoiled)
+    for array in (paper.astype(np.complex64), paper.astype(object), paper.astype(str)):
+        with pytest.raises(ImageError, match="real numbers"):
+            preprocess(array)
     with pytest.raises(ImageError, match="must be"):
         preprocess(np.zeros((0, 5), np.uint8))
     with pytest.raises(ImageError, match="text mode"):

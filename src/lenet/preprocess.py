@@ -216,6 +216,19 @@ def _from_array(array: np.ndarray) -> np.ndarray:
         raise ImageError(
             f"An image array must be (H, W) or (H, W, 1-4) with pixels; got {values.shape}."
         )
+    if values.dtype.kind not in "biuf":
+        # A complex array lost its imaginary part silently; objects and text are no pixels.
+        raise ImageError(
+            f"An image array must hold real numbers (integers, floats or booleans), not "
+            f"{values.dtype}."
+        )
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        # NaN made every comparison false, so the picture read as blank: "no digit found".
+        bad = int(values.size - np.isfinite(values).sum())
+        raise ImageError(
+            f"The image array holds {bad:,} NaN or infinite values: replace them first "
+            "(numpy.nan_to_num)."
+        )
     if values.dtype == np.uint8:
         values = values.astype(np.float32) / 255.0
     elif values.dtype == np.uint16:
