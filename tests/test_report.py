@@ -8,6 +8,7 @@ import json
 import shutil
 import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from PIL import Image
 
 from lenet.cli import main
 from lenet.errors import LenetError
-from lenet.report import resolve_source
+from lenet.report import default_out, resolve_source
 from lenet.weights import bundled_weights, read_card
 
 # Pixel sizes: inches x 100 dpi, as the figures are declared in lenet.plots.
@@ -186,6 +187,15 @@ def test_where_the_curves_come_from(tmp_path):
     assert resolve_source(alone / "w.safetensors").history is None
     assert "metrics.jsonl" in resolve_source(alone / "w.safetensors").why_no_curves
     assert "bundled" in resolve_source("lenet").why_no_curves
+    # Reports go into a run folder, whether or not it kept its metrics; weights found
+    # elsewhere get theirs in the current folder, named for them.
+    assert default_out(resolve_source(run)) == run / "report"
+    assert default_out(resolve_source(alone / "w.safetensors")) == Path("report-w")
+    (run / "metrics.jsonl").unlink()
+    assert default_out(resolve_source(run)) == run / "report"
+    assert default_out(resolve_source(run / "model.safetensors")) == run / "report"
+    assert default_out(resolve_source("lenet")) == Path("report-lenet")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     # A line with a word where a number belongs (edited by hand, damaged): a clear error.
     (run / "metrics.jsonl").write_text(json.dumps({**lines[0], "train_loss": "NaN"}) + "\n")
     with pytest.raises(LenetError, match="line 1 does not hold an epoch's numbers.*train_loss"):

@@ -247,7 +247,7 @@ def resolve_source(source: str | os.PathLike[str]) -> ReportSource:
     metrics = run_dir / METRICS_NAME
     if not metrics.is_file():
         return ReportSource(
-            weights, weights.stem, run_dir, None,
+            weights, run_dir.name if path.is_dir() else weights.stem, run_dir, None,
             f"{run_dir} holds no {METRICS_NAME}, so there are no learning curves "
             "(only a run folder written by `lenet train` has them).",
         )  # fmt: skip
@@ -270,9 +270,11 @@ class Report:
 
 
 def default_out(source: ReportSource) -> Path:
-    """``RUN_DIR/report`` for a run; ``report-<name>`` in the current folder otherwise."""
-    if source.run_dir is not None and source.history is not None:
-        return source.run_dir / "report"
+    """``RUN_DIR/report`` for a run (a folder holding `lenet train`'s weights, with or without
+    its metrics.jsonl); ``report-<name>`` in the current folder otherwise."""
+    run_dir = source.run_dir
+    if run_dir is not None and (source.history is not None or source.weights.name == WEIGHTS_NAME):
+        return run_dir / "report"
     return Path(f"report-{source.name}")
 
 
