@@ -17,6 +17,7 @@ from torch import nn
 
 from lenet.errors import ImageError
 from lenet.explain import explain, explain_digit
+from lenet.lenet5 import SparseConv2d, Subsampling
 from lenet.models import MODELS, create_model
 from lenet.preprocess import preprocess
 from lenet.weights import load_weights, save_weights
@@ -111,8 +112,8 @@ def test_every_registered_model_is_explained_and_sent_as_json(name, mnist, tmp_p
     assert loaded.model.training
     assert not any(m._forward_hooks for m in loaded.model.modules())
 
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    pools = [m for m in model.modules() if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))]
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, SparseConv2d))]
+    pools = [m for m in model.modules() if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, Subsampling))]
     assert len(explained.layers) == len(convs) + len(pools)
     assert (explained.filters is None) == (not convs)
 

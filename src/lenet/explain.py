@@ -21,13 +21,17 @@ from PIL import Image
 from torch import nn
 
 from lenet.errors import ImageError, NoDigit
+from lenet.lenet5 import SparseConv2d, Subsampling
 from lenet.preprocess import DEFAULT_MAX_PIXELS, ImageSource, preprocess
 from lenet.weights import LoadedWeights, load_weights
 
 # Layers whose outputs are shown: what the tutorial explains (local receptive fields, then
 # pooling). Activations and normalisation are left out: they change values, not the layout.
-CONV_TYPES = (nn.Conv2d,)
+# LeNet-5's C3 (its sparse connection table) and S2/S4 (trainable subsampling) are shown
+# like the others.
+CONV_TYPES = (nn.Conv2d, SparseConv2d)
 POOL_TYPES = (
+    Subsampling,
     nn.MaxPool2d,
     nn.AvgPool2d,
     nn.AdaptiveMaxPool2d,
@@ -145,6 +149,14 @@ def _describe(module: nn.Module) -> str:
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return f"{kind}({module.in_channels} -> {module.out_channels}, {kh}x{kw})"
+    if isinstance(module, SparseConv2d):
+        k, pairs = module.kernel_size, int(module.table.sum())
+        return (
+            f"{kind}({module.in_maps} -> {module.out_maps}, {k}x{k}, {pairs} of "
+            f"{module.table.numel()} map pairs)"
+        )
+    if isinstance(module, Subsampling):
+        return f"{kind}(2, trainable coefficient and bias per map)"
     size = getattr(module, "kernel_size", None) or getattr(module, "output_size", None)
     return f"{kind}({size})" if size is not None else kind
 
