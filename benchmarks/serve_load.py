@@ -12,7 +12,9 @@ Prints the machine and versions, then:
   2. for 1, 16 and 64 clients: requests/s, p50/p95/p99 latency, errors, wrong answers;
   3. memory: the server's resident memory after the first 1,000 and after 20,000 requests;
   4. 16 clients with 10% bad uploads (image bombs, truncated files, wrong content types,
-     random bytes): every bad one must be 4xx, every good one still correct, no 5xx.
+     random bytes): every bad one must be 4xx, every good one still correct, no 5xx;
+  5. 16 clients against `lenet serve` as it runs and against one left to glibc's default
+     allocator behaviour (lenet.server.allocator), alternated: requests/s and page faults.
 """
 
 from __future__ import annotations
@@ -154,6 +156,11 @@ async def load(
     return tally, time.perf_counter() - t0
 
 
+def page_faults(pid: int) -> int:
+    """Minor page faults of a process so far (/proc/PID/stat, field 10)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -172,10 +179,20 @@ def report(name: str, tally: Tally, elapsed: float) -> None:
     )
 
 
-def start_server(port: int, workers: int = 1, backend: str = "auto") -> subprocess.Popen:
+# `lenet serve` as glibc's allocator behaves by default: the baseline of section 5.
+DEFAULT_ALLOCATOR = (
+    "import sys, lenet.server.runner as r, lenet.cli as c; "
+    "r.keep_freed_memory = lambda: False; sys.exit(c.main(sys.argv[1:]))"
+)
+
+
+def start_server(
+    port: int, workers: int = 1, backend: str = "auto", default_allocator: bool = False
+) -> subprocess.Popen:
     command = ["serve", "--port", str(port), "--workers", str(workers), "--backend", backend]
+    entry = ["-c", DEFAULT_ALLOCATOR] if default_allocator else ["-m", "lenet"]
     server = subprocess.Popen(
-        [sys.executable, "-m", "lenet", *command],
+        [sys.executable, *entry, *command],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -277,6 +294,31 @@ def main() -> None:
         tally, elapsed = asyncio.run(load(port, mixed, 16, args.seconds))
         report(f"16 clients, 10% bad, {args.seconds:g} s", tally, elapsed)
         print("statuses:", dict(sorted(tally.statuses.items())))
+
+        # lenet serve keeps freed memory for reuse (lenet.server.allocator); the same load on
+        # a server left to glibc's defaults, alternated to share the machine's slow and fast
+        # minutes.
+        print(
+            "\n5. 16 clients, 15 s each, alternating: lenet serve as it runs, and with glibc's "
+            "default allocator behaviour\n| allocator | requests/s | p50 ms | p99 ms | "
+            "page faults per request |\n|---|---|---|---|---|"
+        )
+        for _ in range(2):
+            for default in (True, False):
+                server.terminate()
+                server.wait(10)
+                server = start_server(port, args.workers, args.backend, default)
+                asyncio.run(load(port, work, 4, 2.0))  # warm-up
+                faults = page_faults(server.pid)
+                tally, elapsed = asyncio.run(load(port, work, 16, 15.0))
+                per = (page_faults(server.pid) - faults) / max(tally.requests, 1)
+                lat = np.array(tally.latencies) * 1000
+                name = "glibc default" if default else "kept for reuse (lenet serve)"
+                print(
+                    f"| {name} | {tally.requests / elapsed:,.0f} | {np.percentile(lat, 50):.1f} "
+                    f"| {np.percentile(lat, 99):.1f} | {per:,.1f} |",
+                    flush=True,
+                )
     finally:
         server.terminate()
         server.wait(10)
