@@ -4,9 +4,10 @@ Each request allocates and frees a few megabytes of pixel arrays (a 280x280 canv
 313 kB float32 array, and several of them are made). glibc's malloc hands large blocks back to
 the system when they are freed (unmapped, or trimmed off the top of a thread's heap), so the
 next request takes the same memory back page by page: about 550 page faults a request,
-measured on `lenet serve` (minflt in /proc/PID/stat), and a fault costs far more than the
-arithmetic on the page. Keeping freed blocks for reuse removed the faults and gave 25-40% more
-requests a second (benchmarks/serve_load.py, 16 clients; the README has the figures).
+measured on `lenet serve` (minflt in /proc/PID/stat), and a fault costs more than the
+arithmetic on the page. Keeping freed blocks for reuse removes the faults (0.1 a request) and
+gave from 2% to 30% more requests a second in alternated runs of 16 clients, within this
+machine's noise at the low end (benchmarks/serve_load.py, section 5; the README has them).
 """
 
 from __future__ import annotations
