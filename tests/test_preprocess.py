@@ -218,6 +218,7 @@ def test_numpy_arrays_of_any_dtype_and_shape(digits):
         paper.astype(np.uint16) * 257,
         paper.astype(np.int32) * 257,  # 16-bit values in a wider type (Pillow's mode "I")
         paper.astype(np.float32) * 257,
+        paper.astype(object),  # numbers as Python objects
     ):
         assert similar(preprocess(array).image, reference, 3), array.dtype
     # Values that are no pixels are refused, not read as a blank picture or cut to their
@@ -226,7 +227,8 @@ def test_numpy_arrays_of_any_dtype_and_shape(digits):
     spoiled[100, 100:103, 0] = [np.nan, np.inf, -np.inf]
     with pytest.raises(ImageError, match="3 NaN or infinite"):
         preprocess(spoiled)
-    for array in (paper.astype(np.complex64), paper.astype(object), paper.astype(str)):
+    words = np.full(paper.shape, "ink", object)
+    for array in (paper.astype(np.complex64), words, paper.astype(str)):
         with pytest.raises(ImageError, match="real numbers"):
             preprocess(array)
     with pytest.raises(ImageError, match="must be"):

@@ -192,6 +192,9 @@ def test_where_the_curves_come_from(tmp_path):
     assert default_out(resolve_source(run)) == run / "report"
     assert default_out(resolve_source(alone / "w.safetensors")) == Path("report-w")
     (run / "metrics.jsonl").unlink()
+    # Without config.json it is no run of ours (a model.safetensors downloaded elsewhere).
+    assert default_out(resolve_source(run / "model.safetensors")) == Path("report-model")
+    (run / "config.json").write_text("{}")
     assert default_out(resolve_source(run)) == run / "report"
     assert default_out(resolve_source(run / "model.safetensors")) == run / "report"
     assert default_out(resolve_source("lenet")) == Path("report-lenet")

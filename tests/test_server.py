@@ -3,6 +3,7 @@
 import asyncio
 import importlib.util
 import io
+import os
 import re
 import subprocess
 import sys
@@ -598,8 +599,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_the_server_keeps_freed_memory_instead_of_faulting_it_back():
+GLIBC = bool(getattr(os, "confstr", lambda _: None)("CS_GNU_LIBC_VERSION"))
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting is glibc's")
+def test_the_server_keeps_freed_memory_instead_of_faulting_it_back(monkeypatch):
     """Reading pictures in two threads made glibc return and re-fault ~550 pages a picture;
     `lenet serve` keeps freed blocks (lenet.server.allocator)."""
 
@@ -614,3 +618,12 @@ def test_the_server_keeps_freed_memory_instead_of_faulting_it_back():
     assert kept < 5, (default, kept)
     # The probe is sensitive: without the setting it faults pages back on every picture.
     assert default > 50, (default, kept)
+
+    # And `lenet serve` turns it on (uvicorn's serving loop replaced by a no-op).
+    import lenet.server.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "keep_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(runner._AnnouncingServer, "run", lambda self: None)
+    runner.run(ServeSettings(), Recognizer.load(backend="torch"), 1, False)
+    assert calls == [True]

@@ -27,8 +27,8 @@ from lenet.weights import LoadedWeights, load_weights
 
 # Layers whose outputs are shown: what the tutorial explains (local receptive fields, then
 # pooling). Activations and normalisation are left out: they change values, not the layout.
-# LeNet-5's C3 (its sparse connection table) and S2/S4 (trainable subsampling) are shown
-# like the others.
+# LeNet-5's C3 (its sparse connection table) and S2/S4 (trainable subsampling) are its
+# convolution and pooling stages: without them its explanation jumped from C1 to C5.
 CONV_TYPES = (nn.Conv2d, SparseConv2d)
 POOL_TYPES = (
     Subsampling,

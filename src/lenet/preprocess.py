@@ -216,8 +216,15 @@ def _from_array(array: np.ndarray) -> np.ndarray:
         raise ImageError(
             f"An image array must be (H, W) or (H, W, 1-4) with pixels; got {values.shape}."
         )
+    if values.dtype.kind == "O":
+        # Numbers held as Python objects (a pandas .values, a list of lists of mixed types).
+        try:
+            values = values.astype(np.float64)
+        except (TypeError, ValueError):
+            pass
     if values.dtype.kind not in "biuf":
-        # A complex array lost its imaginary part silently; objects and text are no pixels.
+        # A complex array lost its imaginary part silently; text and other objects are no
+        # pixels.
         raise ImageError(
             f"An image array must hold real numbers (integers, floats or booleans), not "
             f"{values.dtype}."

@@ -22,7 +22,7 @@ from lenet.atomic import write_text_atomic
 from lenet.data import Dataset
 from lenet.errors import LenetError, RunDirError
 from lenet.evaluation import EvalResult, described, evaluate_model, predict_logits
-from lenet.training import METRICS_NAME, WEIGHTS_NAME
+from lenet.training import CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME
 
 REPORT_NAME = "report.html"
 CURVES_NAME = "learning_curves.png"
@@ -270,10 +270,12 @@ class Report:
 
 
 def default_out(source: ReportSource) -> Path:
-    """``RUN_DIR/report`` for a run (a folder holding `lenet train`'s weights, with or without
-    its metrics.jsonl); ``report-<name>`` in the current folder otherwise."""
+    """``RUN_DIR/report`` for a run folder written by `lenet train` (its config.json says so,
+    with or without its metrics.jsonl); ``report-<name>`` in the current folder otherwise: a
+    model.safetensors downloaded elsewhere is no run of ours, and its folder is not ours to
+    write into."""
     run_dir = source.run_dir
-    if run_dir is not None and (source.history is not None or source.weights.name == WEIGHTS_NAME):
+    if run_dir is not None and (source.history is not None or (run_dir / CONFIG_NAME).is_file()):
         return run_dir / "report"
     return Path(f"report-{source.name}")
 

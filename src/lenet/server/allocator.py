@@ -3,17 +3,17 @@
 Each request allocates and frees a few megabytes of pixel arrays (a 280x280 canvas is a
 313 kB float32 array, and several of them are made). glibc's malloc hands large blocks back to
 the system when they are freed (unmapped, or trimmed off the top of a thread's heap), so the
-next request takes the same memory back page by page: about 550 page faults a request,
-measured on `lenet serve` (minflt in /proc/PID/stat), and a fault costs more than the
-arithmetic on the page. Keeping freed blocks for reuse removes the faults (0.1 a request) and
-gave from 2% to 30% more requests a second in alternated runs of 16 clients, within this
-machine's noise at the low end (benchmarks/serve_load.py, section 5; the README has them).
+next request takes the same memory back page by page: 340 to 580 page faults a request,
+measured on `lenet serve` under load (minflt in /proc/PID/stat), costing the server about 2 ms
+of CPU a request (8.7 against 6.9 ms, one client). Keeping freed blocks for reuse removes the
+faults (0.1 a request) and gave from 2% to 43% more requests a second in alternated runs of 16
+clients, the low end within this machine's noise (benchmarks/serve_load.py, section 5; the
+README has the figures).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # mallopt parameter numbers (glibc's malloc.h).
@@ -38,9 +38,8 @@ def keep_freed_memory() -> bool:
         glibc = None
     if not glibc:
         return False
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL("libc.so.6")  # glibc's name on every Linux that has it
     except OSError:
         return False
     # Both are needed: either alone (which also turns off glibc's own adjustment of the
