@@ -47,7 +47,6 @@ from lenet.weights import (
 )
 
 FORMATS = ("onnx", "torchscript")
-SUFFIXES = EXPORTED_SUFFIXES
 PARITY_TOLERANCE = 1e-4  # max |logit difference| allowed against PyTorch
 INT8_MAX_ACCURACY_LOSS = 0.001  # 0.1 percentage points of test accuracy against float
 # Training images that calibrate the int8 activation ranges: enough to cover the digits'
@@ -119,19 +118,20 @@ def format_for(out: str | os.PathLike[str], fmt: str | None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
             raise ExportError(f"Unknown format {fmt!r}: choose {' or '.join(FORMATS)}.")
-        if suffix in SUFFIXES and SUFFIXES[suffix] != fmt:
+        named = EXPORTED_SUFFIXES.get(suffix)
+        if named is not None and named != fmt:
             # A TorchScript file named .onnx fails later, far from here, as "not ONNX".
             raise ExportError(
-                f"{out} is named as {SUFFIXES[suffix]} but --format is {fmt}: name the file "
+                f"{out} is named as {named} but --format is {fmt}: name the file "
                 f"{'.onnx' if fmt == 'onnx' else '.pt'}, or leave --format out."
             )
         return fmt
-    if suffix not in SUFFIXES:
+    if suffix not in EXPORTED_SUFFIXES:
         raise ExportError(
             f"Cannot tell the format from {out!r}: pass --format onnx|torchscript "
             "(or name the file .onnx, .pt or .ts)."
         )
-    return SUFFIXES[suffix]
+    return EXPORTED_SUFFIXES[suffix]
 
 
 def build_metadata(

@@ -229,9 +229,10 @@ def _from_array(array: np.ndarray) -> np.ndarray:
             f"An image array must hold real numbers (integers, floats or booleans), not "
             f"{values.dtype}."
         )
-    if values.dtype.kind == "f" and not np.isfinite(values).all():
+    finite = np.isfinite(values) if values.dtype.kind == "f" else None
+    if finite is not None and not finite.all():
         # NaN made every comparison false, so the picture read as blank: "no digit found".
-        bad = int(values.size - np.isfinite(values).sum())
+        bad = int(values.size - np.count_nonzero(finite))
         raise ImageError(
             f"The image array holds {bad:,} NaN or infinite values: replace them first "
             "(numpy.nan_to_num)."
