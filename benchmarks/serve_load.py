@@ -10,11 +10,15 @@ background, as the drawing page sends) of MNIST *test* digits; every answer is c
 Prints the machine and versions, then:
   1. the baseline: the same pictures through the Recognizer in one process, no HTTP;
   2. for 1, 16 and 64 clients: requests/s, p50/p95/p99 latency, errors, wrong answers;
-  3. memory: the server's resident memory after the first 1,000 and after 20,000 requests;
+  3. memory: the server's resident memory (with its reading processes) after the first
+     1,000 and after 20,000 requests;
   4. 16 clients with 10% bad uploads (image bombs, truncated files, wrong content types,
      random bytes): every bad one must be 4xx, every good one still correct, no 5xx;
-  5. 16 clients against `lenet serve` as it runs and against one left to glibc's default
-     allocator behaviour (lenet.server.allocator), alternated: requests/s and page faults.
+  5. 16 clients against `lenet serve --reading threads` as it runs and against one left to
+     glibc's default allocator behaviour (lenet.server.allocator), alternated: requests/s and
+     page faults;
+  6. 16 clients against `lenet serve` reading in processes (the default) and in threads,
+     alternated: requests/s and latency.
 """
 
 from __future__ import annotations
@@ -168,6 +172,25 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (its reading processes, and multiprocessing's resource
+    tracker), from each process's parent in /proc/*/stat."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass  # a process that ended while being read
+    return found
+
+
+def family_rss_mb(pid: int) -> tuple[float, float]:
+    """Resident memory of the server process, and of it with every process it started."""
+    own = rss_mb(pid)
+    return own, own + sum(rss_mb(child) for child in children(pid))
+
+
 def report(name: str, tally: Tally, elapsed: float) -> None:
     lat = np.array(tally.latencies) * 1000
     p50, p95, p99 = np.percentile(lat, [50, 95, 99]) if len(lat) else (np.nan,) * 3
@@ -187,9 +210,14 @@ DEFAULT_ALLOCATOR = (
 
 
 def start_server(
-    port: int, workers: int = 1, backend: str = "auto", default_allocator: bool = False
+    port: int,
+    workers: int = 1,
+    backend: str = "auto",
+    default_allocator: bool = False,
+    reading: str = "processes",
 ) -> subprocess.Popen:
     command = ["serve", "--port", str(port), "--workers", str(workers), "--backend", backend]
+    command += ["--reading", reading]
     entry = ["-c", DEFAULT_ALLOCATOR] if default_allocator else ["-m", "lenet"]
     server = subprocess.Popen(
         [sys.executable, *entry, *command],
@@ -214,6 +242,10 @@ def main() -> None:
     parser.add_argument("--pictures", type=int, default=500, help="distinct test pictures")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    parser.add_argument(
+        "--reading", default="processes", choices=("processes", "threads"),
+        help="how the server reads pictures in sections 2-4 (lenet serve --reading)",
+    )  # fmt: skip
     parser.add_argument(
         "--skip-memory",
         action="store_true",
@@ -260,7 +292,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = start_server(port, args.workers, args.backend)
+    server = start_server(port, args.workers, args.backend, reading=args.reading)
     header = (
         "| load | requests/s | p50 ms | p95 ms | p99 ms | requests | 5xx | misread "
         "| bad not 4xx |\n|---|---|---|---|---|---|---|---|---|"
@@ -268,24 +300,28 @@ def main() -> None:
     try:
         work = [(request_bytes(port, p), p) for p in good]
         asyncio.run(load(port, work, 4, 3.0))  # warm-up
-        print(f"\n2. good canvas PNGs, {args.workers} worker(s), backend {args.backend}\n" + header)
+        print(
+            f"\n2. good canvas PNGs, {args.workers} worker(s), backend {args.backend}, "
+            f"reading in {args.reading}\n" + header
+        )
         for clients in (int(c) for c in args.clients.split(",")):
             tally, elapsed = asyncio.run(load(port, work, clients, args.seconds))
             report(f"{clients} clients, {args.seconds:g} s", tally, elapsed)
 
         if args.skip_memory or args.workers > 1:
             return
-        print("\n3. memory (16 clients): resident memory of the server")
+        print("\n3. memory (16 clients): resident memory of the server (and its readers)")
         server.terminate()
         server.wait(10)
-        server = start_server(port, args.workers, args.backend)
+        server = start_server(port, args.workers, args.backend, reading=args.reading)
         asyncio.run(load(port, work, 16, 600, max_requests=1000))
-        first = rss_mb(server.pid)
+        first, first_all = family_rss_mb(server.pid)
         asyncio.run(load(port, work, 16, 600, max_requests=19_000))
-        last = rss_mb(server.pid)
-        change = 100 * (last - first) / first
-        print(f"after 1,000 requests: {first:.1f} MB; after 20,000: {last:.1f} MB "
-              f"({change:+.1f}%; target within 10%)")  # fmt: skip
+        last, last_all = family_rss_mb(server.pid)
+        for name, a, b in (("server process", first, last), ("with its readers", first_all,
+                                                              last_all)):  # fmt: skip
+            print(f"{name}: after 1,000 requests: {a:.1f} MB; after 20,000: {b:.1f} MB "
+                  f"({100 * (b - a) / a:+.1f}%; target within 10%)")  # fmt: skip
 
         print("\n4. 16 clients, 10% bad uploads\n" + header)
         bad = bad_uploads(good[0].body, rng)
@@ -303,16 +339,17 @@ def main() -> None:
         # a server left to glibc's defaults, alternated to share the machine's slow and fast
         # minutes.
         print(
-            "\n5. 16 clients, 15 s each, alternating: lenet serve as it runs, and with glibc's "
-            "default allocator behaviour\n| allocator | requests/s | p50 ms | p99 ms | "
-            "page faults per request |\n|---|---|---|---|---|"
+            "\n5. 16 clients, 15 s each, alternating: lenet serve --reading threads as it runs, "
+            "and with glibc's default allocator behaviour\n"
+            "| allocator | requests/s | p50 ms | p99 ms | page faults per request |\n"
+            "|---|---|---|---|---|"
         )
         # A-B then B-A: a drift of the machine's speed over the four runs favours neither.
         for order in ((True, False), (False, True)):
             for default in order:
                 server.terminate()
                 server.wait(10)
-                server = start_server(port, args.workers, args.backend, default)
+                server = start_server(port, args.workers, args.backend, default, "threads")
                 asyncio.run(load(port, work, 4, 2.0))  # warm-up
                 faults = page_faults(server.pid)
                 tally, elapsed = asyncio.run(load(port, work, 16, 15.0))
@@ -322,6 +359,27 @@ def main() -> None:
                 print(
                     f"| {name} | {tally.requests / elapsed:,.0f} | {np.percentile(lat, 50):.1f} "
                     f"| {np.percentile(lat, 99):.1f} | {per:,.1f} |",
+                    flush=True,
+                )
+
+        print(
+            "\n6. 16 clients, 15 s each, alternating: reading in processes (lenet serve's "
+            "default) and in threads (--reading threads)\n| reading | requests/s | p50 ms | "
+            "p95 ms | p99 ms | 5xx | misread |\n|---|---|---|---|---|---|---|"
+        )
+        for order in (("processes", "threads"), ("threads", "processes")):
+            for reading in order:
+                server.terminate()
+                server.wait(10)
+                server = start_server(port, args.workers, args.backend, reading=reading)
+                asyncio.run(load(port, work, 4, 2.0))  # warm-up
+                tally, elapsed = asyncio.run(load(port, work, 16, 15.0))
+                lat = np.array(tally.latencies) * 1000
+                p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+                errors = sum(n for s, n in tally.statuses.items() if s >= 500)
+                print(
+                    f"| {reading} | {tally.requests / elapsed:,.0f} | {p50:.1f} | {p95:.1f} "
+                    f"| {p99:.1f} | {errors} | {tally.wrong} |",
                     flush=True,
                 )
     finally:

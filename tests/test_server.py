@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,9 +20,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from serving import lenet_serve
 
+from lenet.errors import LenetError
 from lenet.recognize import Recognizer
 from lenet.server import ServeSettings, create_app
 from lenet.server.app import Busy
+from lenet.server.readers import ProcessReaders
 
 LIMIT = 2_000_000  # below the default 5 MB, so that the 413 test sends less
 
@@ -33,7 +36,9 @@ def test_digits(mnist):
 
 @pytest.fixture(scope="module")
 def client():
+    """The service as `lenet serve` runs it: pictures read in two reading processes."""
     with TestClient(create_app(ServeSettings(max_upload_bytes=LIMIT))) as c:
+        assert c.app.state.service.settings.reading == "processes"
         yield c
 
 
@@ -268,7 +273,7 @@ def _jpeg(picture, at):
 
 
 def test_a_slow_answer_is_503_and_the_service_recovers(test_digits):
-    app = create_app(ServeSettings(timeout_s=0.3))
+    app = create_app(ServeSettings(timeout_s=0.3, reading="threads"))
     with TestClient(app) as c:
         recognizer = app.state.service.recognizer
         original = recognizer.predict
@@ -290,7 +295,7 @@ def test_a_slow_answer_is_503_and_the_service_recovers(test_digits):
 
 def test_waiting_work_is_bounded():
     """Beyond max_pending waiting requests, the next is refused at once instead of queued."""
-    app = create_app(ServeSettings(threads=1, max_pending=2, timeout_s=5))
+    app = create_app(ServeSettings(readers=1, max_pending=2, timeout_s=5, reading="threads"))
     service = app.state.service
     release = threading.Event()
 
@@ -299,17 +304,21 @@ def test_waiting_work_is_bounded():
 
     service.recognizer = Stub()
 
+    def later(value):
+        return lambda deadline: service.pool.submit(value)
+
     async def scenario():
-        blocked = [asyncio.ensure_future(service.run(lambda r: release.wait(5))) for _ in range(2)]
+        blocked = [asyncio.ensure_future(service.run(later(lambda: release.wait(5)))) for _ in "ab"]
         await asyncio.sleep(0.1)
         with pytest.raises(Busy, match="2 requests are already waiting"):
-            await service.run(lambda r: "too many")
+            await service.run(later(lambda: "too many"))
         release.set()
         assert await asyncio.gather(*blocked) == [True, True]
-        assert await service.run(lambda r: "served") == "served"
+        assert await service.run(later(lambda: "served")) == "served"
+        assert service.pending == 0
 
     asyncio.run(scenario())
-    service.pool.shutdown()
+    service.close()
 
 
 def test_explain_shows_what_the_network_sees(client, test_digits):
@@ -341,7 +350,7 @@ def test_the_onnx_backend_serves_the_same_answers(test_digits):
     images, labels = test_digits
     rng = np.random.default_rng(21)
     with (
-        TestClient(create_app(ServeSettings(backend="onnx"))) as onnx,
+        TestClient(create_app(ServeSettings(backend="onnx", reading="threads"))) as onnx,
         TestClient(create_app(ServeSettings(backend="torch"))) as torch_backend,
     ):
         assert onnx.get("/v1/models").json()["backend"] == "onnx"
@@ -557,6 +566,7 @@ def test_explain_uses_the_weights_an_onnx_model_was_exported_from(tmp_path, test
     onnx = tmp_path / "mine.onnx"
     export(weights, onnx, "onnx", check=False)
     data = png(test_digits[0][4])
+    # Read in processes: they load the user's file too, not the bundled model.
     settings = ServeSettings(weights=str(onnx), backend="onnx")
     with TestClient(create_app(settings)) as serving:
         predicted = serving.post("/v1/predict", files={"image": data}).json()
@@ -567,7 +577,7 @@ def test_explain_uses_the_weights_an_onnx_model_was_exported_from(tmp_path, test
     assert predicted["digit"] == (bundled.digit + 1) % 10
     # Without those weights, explaining is refused rather than done with another model's.
     weights.unlink()
-    with TestClient(create_app(settings)) as serving:
+    with TestClient(create_app(replace(settings, reading="threads"))) as serving:
         refused = serving.post("/v1/explain", files={"image": data})
     assert refused.status_code == 501 and "mine.safetensors" in refused.json()["error"]
 
@@ -627,3 +637,101 @@ def test_the_server_keeps_freed_memory_instead_of_faulting_it_back(monkeypatch):
     monkeypatch.setattr(runner._AnnouncingServer, "run", lambda self: None)
     runner.run(ServeSettings(), Recognizer.load(backend="torch"), 1, False)
     assert calls == [True]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_reading_processes_skip_late_work_and_stop_with_the_service(test_digits):
+    data = png(test_digits[0][3])
+    app = create_app(ServeSettings(readers=1))
+    with TestClient(app) as c:
+        readers = app.state.service.readers
+        (pid,) = readers.pids()
+        assert pid != os.getpid() and _alive(pid)
+        # Work whose client was answered 503 already is skipped in the reading process.
+        assert readers.submit("predict", data, False, time.monotonic() - 1).result(10) is None
+        fresh = readers.submit("read", data, True, time.monotonic() + 10).result(10)
+        assert fresh["text"] == str(test_digits[1][3]) and fresh["digits"][0]["input"]
+        assert c.post("/v1/predict", files={"image": data}).json()["digit"] == test_digits[1][3]
+    assert not _alive(pid)
+
+
+def test_a_reading_process_that_dies_is_replaced(client, test_digits):
+    """Killed (out of memory, by hand): its requests get 503, never 500; new ones start."""
+    data = png(test_digits[0][5])
+    readers = client.app.state.service.readers
+    before = readers.pids()
+    os.kill(before[0], 9)
+    # Seen by the pool before any work is sent to it: the next request finds it broken.
+    time.sleep(1.0)
+    statuses = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        answer = client.post("/v1/predict", files={"image": data})
+        statuses.append(answer.status_code)
+        if answer.status_code == 200:
+            break
+        assert answer.status_code == 503 and "retry" in answer.json()["error"], answer.text
+        time.sleep(0.2)
+    assert statuses[-1] == 200 and answer.json()["digit"] == test_digits[1][5], statuses
+    assert 503 in statuses  # the pool's failure was seen, not missed
+    after = readers.pids()
+    assert len(after) == 2 and not set(after) & set(before)
+    assert not _alive(before[1])  # the old set is gone, not left beside the new one
+    assert client.get("/readyz").status_code == 200
+
+
+def test_reading_processes_that_cannot_load_the_model_say_why():
+    readers = ProcessReaders("no-such-model", "auto", 1000, 1)
+    problem = readers.start()
+    assert problem is not None and "could not load the model" in problem
+    assert "no-such-model" in problem
+    with pytest.raises(Busy, match="not running"):
+        readers.submit("predict", b"", False, time.monotonic() + 1)
+    readers.close()
+
+
+def test_serve_settings_are_checked():
+    with pytest.raises(LenetError, match="processes, threads"):
+        ServeSettings(reading="fork")
+    with pytest.raises(LenetError, match="at least 1"):
+        ServeSettings(readers=0)
+
+
+def _started_by(pid):
+    """The processes ``pid`` started, from their parents in /proc/*/stat."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass  # ended while being read
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_reading_processes_end_when_the_server_is_killed():
+    """Even SIGKILLed, the server leaves no reading process behind holding its pipes."""
+    with lenet_serve("--readers", "2") as base:
+        port = base.rsplit(":", 1)[1]
+        (server,) = [
+            pid
+            for pid in _started_by(os.getpid())
+            if f"--port\0{port}\0" in open(f"/proc/{pid}/cmdline").read()
+        ]
+        started = _started_by(server)  # the two readers and multiprocessing's tracker
+        assert len(started) >= 2
+        os.kill(server, 9)
+        deadline = time.monotonic() + 20
+        while any(map(_alive, started)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in started if _alive(pid)]

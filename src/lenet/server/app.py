@@ -1,45 +1,50 @@
 """The HTTP service: the API over the Recognizer, the drawing page, health and metrics.
 
 The model is loaded once when the app starts (lifespan) and answers a self-test before
-/readyz says ready. Reading pictures is CPU work, so it runs in a small thread pool off the
-event loop; at most ``max_pending`` requests wait for it, and a request that waits longer than
-``timeout_s`` is answered 503 instead of piling up behind the others.
+/readyz says ready. Reading pictures is CPU work, so it runs off the event loop, in reading
+processes or threads (lenet.server.readers); at most ``max_pending`` requests wait for it, and
+a request that waits longer than ``timeout_s`` is answered 503 instead of piling up behind the
+others.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import concurrent.futures
 import importlib.resources
-import io
 import logging
 import os
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lenet import __version__
 from lenet.errors import LenetError
 from lenet.preprocess import DEFAULT_MAX_PIXELS
-from lenet.recognize import Prediction, Recognizer
+from lenet.recognize import Recognizer
 from lenet.server import schemas
 from lenet.server.allocator import keep_freed_memory
 from lenet.server.metrics import MetricsMiddleware, ServiceMetrics
+from lenet.server.readers import (
+    READINGS,
+    Busy,
+    ProcessReaders,
+    ThreadReaders,
+    self_test,
+)
 from lenet.server.uploads import read_upload
 
 log = logging.getLogger("lenet.server")
@@ -59,12 +64,23 @@ class ServeSettings:
     max_upload_bytes: int = 5 * 1024 * 1024
     # Checked from the header before decoding, so a tiny file claiming a huge size costs nothing.
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # Two threads keep both cores busy: decoding and NumPy release the GIL for most of the work.
-    threads: int = 2
+    # Processes: each reads pictures with its own model, free of the other's GIL (about twice
+    # the requests a second of threads on two cores; lenet.server.readers). Threads: no
+    # start-up cost and one model in memory, for tests and small machines.
+    reading: str = "processes"
+    # Readers (processes or threads) of this server process; `lenet serve` starts one per
+    # core it may use (default_readers).
+    readers: int = 2
     # Requests waiting for a thread beyond this are refused at once (503) rather than queued.
     max_pending: int = 128
     # A request not answered within this is answered 503: the client can retry elsewhere.
     timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.reading not in READINGS:
+            raise LenetError(f"reading must be one of {', '.join(READINGS)}, not {self.reading!r}.")
+        if self.readers < 1:
+            raise LenetError(f"readers must be at least 1, not {self.readers}.")
 
     def to_env(self) -> str:
         """The settings as JSON, for worker processes started by uvicorn."""
@@ -78,6 +94,15 @@ class ServeSettings:
         import json
 
         return cls(**json.loads(os.environ[SETTINGS_ENV]))
+
+
+def default_readers(workers: int) -> int:
+    """Readers per worker: the cores this process may use, shared among the workers."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # what a container or taskset allows
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores // workers)
 
 
 def serving_backend(settings: ServeSettings) -> str:
@@ -113,32 +138,12 @@ class NotAvailable(LenetError):
     status = 501
 
 
-class Busy(LenetError):
-    """The service has more work waiting than it can answer in time."""
-
-    status = 503
-    reason = "busy"
-
-
-def _png_data_url(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status, headers=headers)
 
 
-def _self_test_picture() -> np.ndarray:
-    """A white vertical bar on black: a '1' any digit model reads with ease."""
-    picture = np.zeros((28, 28), np.uint8)
-    picture[5:23, 13:16] = 255
-    return picture
-
-
 class Service:
-    """What the routes share: the recognizer, the thread pool, the limits, the metrics."""
+    """What the routes share: the recognizer, the readers, the limits, the metrics."""
 
     def __init__(
         self,
@@ -152,66 +157,101 @@ class Service:
         self.recognizer: Recognizer | None = None
         self.explain_weights: Any = None  # PyTorch weights for /v1/explain, loaded when asked
         self.ready_error: str | None = "starting"
-        self.pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="lenet-infer")
+        # Loading, and explaining (rare, and it needs this process's PyTorch weights).
+        self.pool = ThreadPoolExecutor(settings.readers, thread_name_prefix="lenet-work")
+        self.readers: ThreadReaders | ProcessReaders | None = None
         self.pending = 0
         self.lock = threading.Lock()
 
     def load(self) -> None:
-        """Load the model and check that it answers (the self-test /readyz reports)."""
+        """Load the model, check that it answers (the self-test /readyz reports), and start
+        the readers."""
         recognizer = self.preloaded or Recognizer.load(
             self.settings.weights, backend=serving_backend(self.settings)
         )
         torch = sys.modules.get("torch")
         if torch is not None:
-            # Parallelism comes from the request threads; a single image gains nothing from
-            # more threads, and two threads each starting an OpenMP team oversubscribe the
-            # cores and wait on each other.
+            # Parallelism comes from the readers; a single image gains nothing from more
+            # threads, and two threads each starting an OpenMP team oversubscribe the cores
+            # and wait on each other.
             torch.set_num_threads(1)
         recognizer.max_pixels = self.settings.max_pixels
-        answer = recognizer.predict(_self_test_picture())
-        blank = recognizer.predict(np.zeros((28, 28), np.uint8))
-        total = sum(answer.probabilities)
-        if answer.best_guess is None or abs(total - 1.0) > 1e-3 or blank.best_guess is not None:
-            self.ready_error = (
-                f"self-test failed: a drawn 1 gave {answer.to_dict()}, a blank gave "
-                f"{blank.to_dict()}"
-            )
+        self.ready_error = self_test(recognizer)
+        if self.ready_error is not None:
             log.error("lenet serve: %s", self.ready_error)
-        else:
-            self.ready_error = None
         self.recognizer = recognizer
+        if self.settings.reading == "threads":
+            self.readers = ThreadReaders(recognizer, self.settings.readers)
+            return
+        readers = ProcessReaders(
+            self.settings.weights,
+            recognizer.backend_name,
+            self.settings.max_pixels,
+            self.settings.readers,
+        )
+        self.readers = readers
+        failure = readers.start()
+        if failure is not None and self.ready_error is None:
+            self.ready_error = failure
+            log.error("lenet serve: %s", failure)
 
-    async def run(self, work: Callable[[Recognizer], Any]) -> Any:
-        """Run ``work`` in the pool, within the pending limit and the time limit."""
-        recognizer = self.recognizer
-        if recognizer is None:
+    def problem(self) -> str | None:
+        """Why the service cannot answer now, or None (what /readyz reports)."""
+        if self.ready_error is not None or self.recognizer is None:
+            return self.ready_error or "starting"
+        return self.readers.problem() if self.readers is not None else "starting"
+
+    def close(self) -> None:
+        if self.readers is not None:
+            self.readers.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, start: Callable[[float], Future[Any]]) -> Any:
+        """The result of the work ``start(deadline)`` submits, within the pending limit and
+        the time limit. Work answers None when it was skipped for being too late."""
+        if self.recognizer is None:
             raise Busy("The model is still loading; retry in a moment.")
         with self.lock:
             if self.pending >= self.settings.max_pending:
                 raise Busy(f"{self.pending} requests are already waiting; retry in a moment.")
             self.pending += 1
         deadline = time.monotonic() + self.settings.timeout_s
-        too_late = Busy(f"The answer took longer than {self.settings.timeout_s:g} s; retry later.")
-        skipped = object()
-
-        def job() -> Any:
-            try:
-                # Work whose client has already been answered 503 is skipped, not done late.
-                if time.monotonic() > deadline:
-                    return skipped
-                return work(recognizer)
-            finally:
-                with self.lock:
-                    self.pending -= 1
-
-        future = asyncio.wrap_future(self.pool.submit(job))
         try:
-            result = await asyncio.wait_for(asyncio.shield(future), self.settings.timeout_s)
+            future = start(deadline)
+        except BaseException:
+            self._finished()
+            raise
+        future.add_done_callback(self._finished)
+        too_late = Busy(f"The answer took longer than {self.settings.timeout_s:g} s; retry later.")
+        try:
+            result = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(future)), self.settings.timeout_s
+            )
         except asyncio.TimeoutError:
             raise too_late from None
-        if result is skipped:
+        except concurrent.futures.BrokenExecutor:
+            raise Busy(
+                "A reading process stopped while reading this picture; new ones are starting: "
+                "retry in a moment."
+            ) from None
+        if result is None:
             raise too_late
         return result
+
+    def _finished(self, _: object = None) -> None:
+        with self.lock:
+            self.pending -= 1
+
+    async def read(self, kind: str, data: bytes, include_input: bool) -> dict[str, Any]:
+        """The answer of /v1/predict or /v1/read for ``data``, counted in the metrics."""
+        readers = self.readers
+        if readers is None:
+            raise Busy("The model is still loading; retry in a moment.")
+        out = await self.run(lambda deadline: readers.submit(kind, data, include_input, deadline))
+        # Counted here, from the answer: a reading process has no access to these metrics.
+        for item in out["digits"] if kind == "read" else [out]:
+            self.metrics.count_answer(item["digit"], item.get("reason"))
+        return out
 
 
 def _exported_from(backend: Any) -> str:
@@ -226,13 +266,6 @@ def _exported_from(backend: Any) -> str:
             "file, or serve them with --weights FILE.safetensors --backend torch."
         )
     return str(found)
-
-
-def _prediction_json(prediction: Prediction, include_input: bool) -> dict[str, Any]:
-    out = prediction.to_dict()
-    if include_input and prediction.image is not None:
-        out["input"] = _png_data_url(prediction.image)
-    return out
 
 
 def _static_dir() -> str:
@@ -275,7 +308,7 @@ def create_app(
         try:
             yield
         finally:
-            service.pool.shutdown(wait=False, cancel_futures=True)
+            service.close()
 
     # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from files in
     # the fastapi-offline package instead of a CDN, so the docs work without the internet.
@@ -319,30 +352,9 @@ def create_app(
         log.exception("lenet serve: unexpected error on %s", request.url.path)
         return _error(500, f"Internal error ({type(exc).__name__}); it has been logged.")
 
-    def answer_one(data: bytes, include_input: bool) -> Callable[[Recognizer], dict[str, Any]]:
-        def work(recognizer: Recognizer) -> dict[str, Any]:
-            prediction = recognizer.predict(data)
-            metrics.count_answer(prediction.digit, prediction.reason)
-            return _prediction_json(prediction, include_input)
-
-        return work
-
-    def answer_line(data: bytes, include_input: bool) -> Callable[[Recognizer], dict[str, Any]]:
-        def work(recognizer: Recognizer) -> dict[str, Any]:
-            reading = recognizer.read(data)
-            out = reading.to_dict()
-            for item, prediction in zip(out["digits"], reading.digits):
-                metrics.count_answer(prediction.digit, prediction.reason)
-                if include_input and prediction.image is not None:
-                    item["input"] = _png_data_url(prediction.image)
-            return out
-
-        return work
-
-    async def answer(request: Request, make: Callable[..., Any], include_input: bool) -> Any:
+    async def answer(request: Request, kind: str, include_input: bool) -> Any:
         data = await read_upload(request, settings.max_upload_bytes, settings.timeout_s)
-        result = await service.run(make(data, include_input))
-        return JSONResponse(result)
+        return JSONResponse(await service.read(kind, data, include_input))
 
     @app.post(
         "/v1/predict",
@@ -354,7 +366,7 @@ def create_app(
         openapi_extra=schemas.UPLOAD_BODY,
     )
     async def predict(request: Request, include_input: bool = False) -> Any:
-        return await answer(request, answer_one, include_input)
+        return await answer(request, "predict", include_input)
 
     @app.post(
         "/v1/read",
@@ -365,31 +377,30 @@ def create_app(
         openapi_extra=schemas.UPLOAD_BODY,
     )
     async def read(request: Request, include_input: bool = False) -> Any:
-        return await answer(request, answer_line, include_input)
+        return await answer(request, "read", include_input)
 
-    def explain_one(data: bytes) -> Callable[[Recognizer], dict[str, Any]]:
-        def work(recognizer: Recognizer) -> dict[str, Any]:
-            try:
-                from lenet.explain import explain
-            except ImportError as exc:
-                raise NotAvailable(
-                    f"Explaining needs PyTorch, which this installation lacks ({exc.name} "
-                    "is missing): pip install torch, or use /v1/predict."
-                ) from None
-            weights = service.explain_weights
-            if weights is None:
-                # Saliency needs gradients, so the PyTorch weights the model came from are
-                # used even when answers come from onnxruntime: the very weights it was
-                # exported from (checked by their SHA-256), never another model's.
-                backend_weights = getattr(recognizer.backend, "weights", None)
-                if backend_weights is None:
-                    from lenet.weights import load_weights
+    def explain_one(data: bytes, recognizer: Recognizer, deadline: float) -> Any:
+        if time.monotonic() > deadline:
+            return None  # its client has been answered 503 already
+        try:
+            from lenet.explain import explain
+        except ImportError as exc:
+            raise NotAvailable(
+                f"Explaining needs PyTorch, which this installation lacks ({exc.name} "
+                "is missing): pip install torch, or use /v1/predict."
+            ) from None
+        weights = service.explain_weights
+        if weights is None:
+            # Saliency needs gradients, so the PyTorch weights the model came from are used
+            # even when answers come from onnxruntime: the very weights it was exported from
+            # (checked by their SHA-256), never another model's.
+            backend_weights = getattr(recognizer.backend, "weights", None)
+            if backend_weights is None:
+                from lenet.weights import load_weights
 
-                    backend_weights = load_weights(_exported_from(recognizer.backend))
-                weights = service.explain_weights = backend_weights
-            return explain(data, weights, settings.max_pixels).to_dict()
-
-        return work
+                backend_weights = load_weights(_exported_from(recognizer.backend))
+            weights = service.explain_weights = backend_weights
+        return explain(data, weights, settings.max_pixels).to_dict()
 
     @app.post(
         "/v1/explain",
@@ -401,7 +412,12 @@ def create_app(
     )
     async def explain_route(request: Request) -> Any:
         data = await read_upload(request, settings.max_upload_bytes, settings.timeout_s)
-        result = await service.run(explain_one(data))
+        recognizer = service.recognizer
+        if recognizer is None:
+            raise Busy("The model is still loading; retry in a moment.")
+        result = await service.run(
+            lambda deadline: service.pool.submit(explain_one, data, recognizer, deadline)
+        )
         return JSONResponse(result)
 
     @app.get("/v1/models", summary="The bundled models and their model cards")
@@ -422,8 +438,9 @@ def create_app(
 
     @app.get("/readyz", summary="The model is loaded and passed its self-test")
     async def readyz() -> JSONResponse:
-        if service.ready_error is not None or service.recognizer is None:
-            return _error(503, f"Not ready: {service.ready_error}.")
+        problem = service.problem()
+        if problem is not None or service.recognizer is None:
+            return _error(503, f"Not ready: {problem}.")
         return JSONResponse({"status": "ready", "model": service.recognizer.name})
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
