@@ -165,6 +165,12 @@ def page_faults(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far, user and system (/proc/PID/stat, fields 14-15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -364,8 +370,9 @@ def main() -> None:
 
         print(
             "\n6. 16 clients, 15 s each, alternating: reading in processes (lenet serve's "
-            "default) and in threads (--reading threads)\n| reading | requests/s | p50 ms | "
-            "p95 ms | p99 ms | 5xx | misread |\n|---|---|---|---|---|---|---|"
+            "default) and in threads (--reading threads); CPU a request: the server process's "
+            "and its readers'\n| reading | requests/s | p50 ms | p95 ms | p99 ms | 5xx | misread "
+            "| server CPU ms | readers' CPU ms |\n|---|---|---|---|---|---|---|---|---|"
         )
         for order in (("processes", "threads"), ("threads", "processes")):
             for reading in order:
@@ -373,13 +380,19 @@ def main() -> None:
                 server.wait(10)
                 server = start_server(port, args.workers, args.backend, reading=reading)
                 asyncio.run(load(port, work, 4, 2.0))  # warm-up
+                readers = [pid for pid in children(server.pid) if "spawn_main" in
+                           Path(f"/proc/{pid}/cmdline").read_text()]  # fmt: skip
+                before = [cpu_seconds(pid) for pid in [server.pid, *readers]]
                 tally, elapsed = asyncio.run(load(port, work, 16, 15.0))
+                after = [cpu_seconds(pid) for pid in [server.pid, *readers]]
+                used = [1000 * (b - a) / max(tally.requests, 1) for a, b in zip(before, after)]
                 lat = np.array(tally.latencies) * 1000
                 p50, p95, p99 = np.percentile(lat, [50, 95, 99])
                 errors = sum(n for s, n in tally.statuses.items() if s >= 500)
                 print(
                     f"| {reading} | {tally.requests / elapsed:,.0f} | {p50:.1f} | {p95:.1f} "
-                    f"| {p99:.1f} | {errors} | {tally.wrong} |",
+                    f"| {p99:.1f} | {errors} | {tally.wrong} | {used[0]:.2f} | "
+                    f"{sum(used[1:]):.2f} |",
                     flush=True,
                 )
     finally:
