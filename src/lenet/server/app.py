@@ -10,7 +10,6 @@ others.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import importlib.resources
 import logging
 import os
@@ -180,6 +179,13 @@ class Service:
         if self.ready_error is not None:
             log.error("lenet serve: %s", self.ready_error)
         self.recognizer = recognizer
+
+    async def start_readers(self) -> None:
+        """Start the readers (after ``load``): threads at once, processes once each has
+        loaded the model and passed the self-test."""
+        recognizer = self.recognizer
+        if recognizer is None:
+            return
         if self.settings.reading == "threads":
             self.readers = ThreadReaders(recognizer, self.settings.readers)
             return
@@ -189,8 +195,8 @@ class Service:
             self.settings.max_pixels,
             self.settings.readers,
         )
+        failure = await readers.start()
         self.readers = readers
-        failure = readers.start()
         if failure is not None and self.ready_error is None:
             self.ready_error = failure
             log.error("lenet serve: %s", failure)
@@ -206,7 +212,7 @@ class Service:
             self.readers.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, start: Callable[[float], Future[Any]]) -> Any:
+    async def run(self, start: Callable[[float], Future[Any] | asyncio.Future[Any]]) -> Any:
         """The result of the work ``start(deadline)`` submits, within the pending limit and
         the time limit. Work answers None when it was skipped for being too late."""
         if self.recognizer is None:
@@ -229,11 +235,6 @@ class Service:
             )
         except asyncio.TimeoutError:
             raise too_late from None
-        except concurrent.futures.BrokenExecutor:
-            raise Busy(
-                "A reading process stopped while reading this picture; new ones are starting: "
-                "retry in a moment."
-            ) from None
         if result is None:
             raise too_late
         return result
@@ -303,6 +304,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(service.pool, service.load)
+        await service.start_readers()
         if announce and service.ready_error is None and service.recognizer is not None:
             print(ready_line(service.recognizer.name, settings.host, settings.port), flush=True)
         try:
