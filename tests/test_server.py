@@ -24,7 +24,7 @@ from lenet.errors import LenetError
 from lenet.recognize import Recognizer
 from lenet.server import ServeSettings, create_app
 from lenet.server.app import Busy
-from lenet.server.readers import ProcessReaders
+from lenet.server.readers import PIPELINED_BYTES, ProcessReaders
 
 LIMIT = 2_000_000  # below the default 5 MB, so that the 413 test sends less
 
@@ -664,6 +664,26 @@ def test_reading_processes_skip_late_work_and_stop_with_the_service(test_digits)
         late, fresh = c.portal.call(late_and_fresh)
         assert late is None
         assert fresh["text"] == str(test_digits[1][3]) and fresh["digits"][0]["input"]
+
+        big = _large_digit_png(test_digits[0][7])  # over PIPELINED_BYTES, slow to read
+        assert len(big) > PIPELINED_BYTES
+
+        async def pipelined():
+            later = time.monotonic() + 30
+            first = readers.submit("predict", big, False, later)
+            # A small picture goes into the pipe at once, to be read right after the first;
+            # this one's time runs out before then, so the reader skips it.
+            expired = readers.submit("predict", data, False, time.monotonic() + 0.005)
+            (reader,) = readers.readers
+            assert len(reader.jobs) == 2
+            # A large one waits until the reader is free, so that sending it cannot block.
+            third = readers.submit("predict", big, False, later)
+            assert len(reader.jobs) == 2 and len(readers.waiting) == 1
+            return await asyncio.gather(first, expired, third)
+
+        first, expired, third = c.portal.call(pipelined)
+        assert expired is None
+        assert first["digit"] == third["digit"] == test_digits[1][7]
         assert c.post("/v1/predict", files={"image": data}).json()["digit"] == test_digits[1][3]
     assert not _alive(pid)
 
