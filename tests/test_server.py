@@ -231,6 +231,11 @@ def test_predictions_and_latency_are_counted(client, test_digits):
     before = metric(client, "lenet_predictions_total", digit=digit)
     client.post("/v1/predict", files={"image": png(images[2])})
     assert metric(client, "lenet_predictions_total", digit=digit) == before + 1
+    # A line's digits are counted one by one; one the model is unsure of as "unsure".
+    unsure = metric(client, "lenet_predictions_total", digit="unsure")
+    answer = client.post("/v1/read", files={"image": png(np.maximum(images[0], images[3]))})
+    assert [d["digit"] for d in answer.json()["digits"]] == [None]
+    assert metric(client, "lenet_predictions_total", digit="unsure") == unsure + 1
     count = metric(
         client,
         "lenet_http_request_duration_seconds_count",
@@ -374,10 +379,16 @@ def test_serve_cli_with_two_workers_counts_all_of_them(test_digits):
             )
             with urllib.request.urlopen(request, timeout=10) as answer:
                 assert json_load(answer)["digit"] == test_digits[1][0]
-        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
-    # Either worker answers the scrape, and it counts the requests of both.
-    line = 'lenet_http_requests_total{method="POST",route="/v1/predict",status="200"} 6.0'
+        # Either worker answers the scrape, and it counts the requests of both. A request
+        # is counted once its answer is sent, so the last one may show a moment later.
+        line = 'lenet_http_requests_total{method="POST",route="/v1/predict",status="200"} 6.0'
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+                text = answer.read().decode()
+            if line in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     assert line in text
 
 
@@ -640,11 +651,19 @@ def test_the_server_keeps_freed_memory_instead_of_faulting_it_back(monkeypatch):
 
 
 def _alive(pid):
+    """Running: not gone, and not a zombie waiting for a parent to collect it (an orphan's
+    parent, PID 1 in a container, may never do so)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    return True
+    except OSError:  # no /proc (macOS)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def test_reading_processes_skip_late_work_and_stop_with_the_service(test_digits):
@@ -661,36 +680,56 @@ def test_reading_processes_skip_late_work_and_stop_with_the_service(test_digits)
             fresh = await readers.submit("read", data, True, time.monotonic() + 10)
             return late, fresh
 
-        late, fresh = c.portal.call(late_and_fresh)
+        late, (fresh, counted) = c.portal.call(late_and_fresh)
         assert late is None
         assert fresh["text"] == str(test_digits[1][3]) and fresh["digits"][0]["input"]
+        assert counted == [(test_digits[1][3], None)]
 
-        big = _large_digit_png(test_digits[0][7])  # over PIPELINED_BYTES, slow to read
-        assert len(big) > PIPELINED_BYTES
+        slow = _slow_small_png(test_digits[0][7])
+        big = _large_digit_png(test_digits[0][7])
+        assert len(slow) <= PIPELINED_BYTES < len(big)
 
         async def pipelined():
             later = time.monotonic() + 30
-            first = readers.submit("predict", big, False, later)
-            # A small picture goes into the pipe at once, to be read right after the first;
-            # this one's time runs out before then, so the reader skips it.
-            expired = readers.submit("predict", data, False, time.monotonic() + 0.005)
             (reader,) = readers.readers
+            # A small picture goes into the pipe at once, to be read right after the one
+            # being read; this one's time runs out before then, so the reader skips it.
+            first = readers.submit("predict", slow, False, later)
+            expired = readers.submit("predict", data, False, time.monotonic() + 0.03)
             assert len(reader.jobs) == 2
-            # A large one waits until the reader is free, so that sending it cannot block.
-            third = readers.submit("predict", big, False, later)
-            assert len(reader.jobs) == 2 and len(readers.waiting) == 1
-            return await asyncio.gather(first, expired, third)
+            answers = await asyncio.gather(first, expired)
+            # A large picture waits until the reader is free: sending it could block.
+            small = readers.submit("predict", slow, False, later)
+            large = readers.submit("predict", big, False, later)
+            assert len(reader.jobs) == 1 and len(readers.waiting) == 1
+            answers += [await small]
+            # And a small one is not put behind a large one, where it would wait longest.
+            behind = readers.submit("predict", data, False, later)
+            assert len(reader.jobs) == 1 and len(readers.waiting) == 1
+            return answers + list(await asyncio.gather(large, behind))
 
-        first, expired, third = c.portal.call(pipelined)
+        first, expired, small, large, behind = c.portal.call(pipelined)
         assert expired is None
-        assert first["digit"] == third["digit"] == test_digits[1][7]
-        assert c.post("/v1/predict", files={"image": data}).json()["digit"] == test_digits[1][3]
+        assert first[0]["digit"] == small[0]["digit"] == large[0]["digit"] == test_digits[1][7]
+        assert behind[0]["digit"] == test_digits[1][3]
+        assert app.state.service.pending == 0
+
+        # In the same way, a request past its time limit in a reading process is 503.
+        app.state.service.settings = replace(app.state.service.settings, timeout_s=0.02)
+        assert c.post("/v1/predict", files={"image": big}).status_code == 503
+        time.sleep(0.5)
+        assert app.state.service.pending == 0
     assert not _alive(pid)
 
 
 def _large_digit_png(digit, side=4000):
-    """A digit drawn large: a picture that takes a reader a while to decode."""
+    """A digit drawn large and smooth: a large file that takes a reader a while to read."""
     return png(np.asarray(Image.fromarray(digit).resize((side, side))))
+
+
+def _slow_small_png(digit, side=4500):
+    """A digit drawn large in flat blocks: a small file that takes a reader a while."""
+    return png(np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.NEAREST)))
 
 
 def test_a_reading_process_that_dies_is_replaced(client, test_digits):
@@ -741,6 +780,58 @@ def test_reading_processes_that_cannot_load_the_model_say_why():
             readers.submit("predict", b"", False, time.monotonic() + 1)
         assert readers.pids() == []
         readers.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_that_cannot_be_replaced_says_why_and_is_retried(tmp_path, test_digits):
+    """The model file removed, then a reader killed: the new one cannot load it; waiting
+    pictures are answered at once, the readers say why they are down, and keep trying."""
+    import shutil
+
+    import lenet
+
+    model = tmp_path / "mine.onnx"
+    shutil.copy(os.path.join(os.path.dirname(lenet.__file__), "pretrained", "lenet-relu.onnx"),
+                model)  # fmt: skip
+    data = png(test_digits[0][2])
+
+    async def scenario():
+        readers = ProcessReaders(str(model), "onnx", 40_000_000, 1)
+        assert await readers.start() is None
+        # Killed with a picture in the pipe behind the one it reads: that one is lost (503),
+        # the next is read by the reader started in its place.
+        later = time.monotonic() + 60
+        reading = readers.submit("predict", _slow_small_png(test_digits[0][7]), False, later)
+        queued = readers.submit("predict", data, False, later)
+        os.kill(readers.pids()[0], 9)
+        with pytest.raises(Busy, match="stopped while reading"):
+            await reading
+        answer, _ = await asyncio.wait_for(queued, 60)
+        assert answer["digit"] == test_digits[1][2]
+        model.unlink()
+        (pid,) = readers.pids()
+        os.kill(pid, 9)
+        await asyncio.sleep(0.5)  # seen at once: its pipe closes
+        waiting = readers.submit("predict", data, False, time.monotonic() + 100)
+        started = time.monotonic()
+        with pytest.raises(Busy, match="could not load the model"):
+            await waiting
+        assert time.monotonic() - started < 60  # answered once the new reader failed
+        assert "mine.onnx" in readers.problem() and "retrying" in readers.problem()
+        with pytest.raises(Busy, match="not running"):
+            readers.submit("predict", data, False, time.monotonic() + 10)
+        # Retried after a pause that grows: the model put back, reading resumes.
+        shutil.copy(os.path.join(os.path.dirname(lenet.__file__), "pretrained",
+                                 "lenet-relu.onnx"), model)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while readers.problem() is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert readers.problem() is None
+        answer, _ = await readers.submit("predict", data, False, time.monotonic() + 10)
+        assert answer["digit"] == test_digits[1][2]
+        readers.close()
+        assert readers.pids() == []
 
     asyncio.run(scenario())
 

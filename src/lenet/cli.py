@@ -223,12 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--reading", choices=("processes", "threads"), default="processes",
         help="read pictures in processes of their own (default: about twice the requests a "
-        "second on two cores) or in threads of the server (one model in memory, no start-up)",
+        "second on two cores; Linux and macOS, threads on Windows) or in threads of the "
+        "server (one model in memory, no start-up)",
     )  # fmt: skip
     serve.add_argument(
         "--readers", type=_positive_int, default=None, metavar="N",
         help="reading processes or threads per worker (default: the cores this process may "
-        "use, divided among the workers)",
+        "use, CPU quotas included, divided among the workers; at most 4)",
     )  # fmt: skip
     serve.add_argument(
         "--max-upload", type=_positive_int, default=5 * 1024 * 1024, metavar="BYTES",

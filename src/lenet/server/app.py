@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
+import math
 import os
 import sys
 import threading
@@ -95,13 +96,32 @@ class ServeSettings:
         return cls(**json.loads(os.environ[SETTINGS_ENV]))
 
 
-def default_readers(workers: int) -> int:
-    """Readers per worker: the cores this process may use, shared among the workers."""
+# Each reading process holds its own interpreter and model (about 100 MB with onnxruntime,
+# more with PyTorch): a large machine is better served with --workers as well.
+MAX_DEFAULT_READERS = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity (taskset, cpusets), and a cgroup v2
+    CPU quota (docker --cpus, Kubernetes limits), which affinity does not show."""
     try:
-        cores = len(os.sched_getaffinity(0))  # what a container or taskset allows
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
-    return max(1, cores // workers)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return cores
+
+
+def default_readers(workers: int) -> int:
+    """Readers per worker: the usable cores shared among the workers, at most
+    MAX_DEFAULT_READERS."""
+    return max(1, min(usable_cores() // workers, MAX_DEFAULT_READERS))
 
 
 def serving_backend(settings: ServeSettings) -> str:
@@ -186,7 +206,13 @@ class Service:
         recognizer = self.recognizer
         if recognizer is None:
             return
-        if self.settings.reading == "threads":
+        reading = self.settings.reading
+        if reading == "processes" and sys.platform == "win32":
+            # Windows' event loop cannot watch pipes (loop.add_reader), which the reading
+            # processes are driven by.
+            log.warning("lenet serve: reading in threads (reading processes need Linux or macOS)")
+            reading = "threads"
+        if reading == "threads":
             self.readers = ThreadReaders(recognizer, self.settings.readers)
             return
         readers = ProcessReaders(
@@ -248,10 +274,12 @@ class Service:
         readers = self.readers
         if readers is None:
             raise Busy("The model is still loading; retry in a moment.")
-        out = await self.run(lambda deadline: readers.submit(kind, data, include_input, deadline))
-        # Counted here, from the answer: a reading process has no access to these metrics.
-        for item in out["digits"] if kind == "read" else [out]:
-            self.metrics.count_answer(item["digit"], item.get("reason"))
+        out, counted = await self.run(
+            lambda deadline: readers.submit(kind, data, include_input, deadline)
+        )
+        # Counted here: a reading process has no access to these metrics.
+        for digit, reason in counted:
+            self.metrics.count_answer(digit, reason)
         return out
 
 
@@ -293,6 +321,9 @@ def create_app(
 
     ``recognizer``: one already loaded (`lenet serve` loads it first, so that a wrong
     --weights is reported before the server starts); otherwise it is loaded at start-up.
+    Reading processes load their own from ``settings.weights`` (on the recognizer's backend),
+    so a recognizer given here must come from those settings; with ``reading="threads"`` it
+    is the one that reads.
     ``announce``: print ``ready_line`` once the model is loaded, for servers whose socket is
     already bound by then (uvicorn's workers); `lenet serve` with one process prints it itself
     after binding (lenet.server.runner).

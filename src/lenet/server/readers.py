@@ -22,7 +22,9 @@ import io
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,9 +45,15 @@ KINDS = ("predict", "read")
 # model's runtime, then loading the model (1 to 3 s here; more on a busy or slow machine).
 START_TIMEOUT_S = 120.0
 # A reader is sent its next picture while it reads one, so that it never waits for the server
-# between pictures; only pictures this small, so that the send fits the pipe's buffer and
-# never blocks the event loop (a canvas PNG is a few kB).
+# between pictures; only pictures this small, behind one this small, so that the send fits
+# the pipe's buffer (it must never block the event loop) and no picture waits behind a slow
+# one (a canvas PNG is a few kB).
 PIPELINED_BYTES = 32 * 1024
+# Asked of each pipe's socket buffers: Linux gives about 208 kB anyway; macOS's default is
+# 8 kB. The pipelining limit shrinks to what the buffer really holds.
+PIPE_BUFFER_BYTES = 256 * 1024
+# A reader that cannot be started again is retried after 1, 2, 4 ... seconds, at most this.
+RETRY_MAX_S = 30.0
 
 
 class Busy(LenetError):
@@ -77,28 +85,36 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+# What the metrics count for each digit in an answer: (digit, reason).
+Counted = list[tuple[int | None, str | None]]
+
+
 def read_picture(
     recognizer: Recognizer, kind: str, data: bytes, include_input: bool
-) -> dict[str, Any]:
-    """The JSON answer of /v1/predict (``kind`` "predict") or /v1/read ("read")."""
+) -> tuple[dict[str, Any], Counted]:
+    """The JSON answer of /v1/predict (``kind`` "predict") or /v1/read ("read"), and what
+    the server's metrics count for it."""
     if kind == "predict":
         prediction = recognizer.predict(data)
         out = prediction.to_dict()
         if include_input and prediction.image is not None:
             out["input"] = png_data_url(prediction.image)
-        return out
+        return out, [(prediction.digit, prediction.reason)]
     reading = recognizer.read(data)
     out = reading.to_dict()
     if include_input:
         for item, prediction in zip(out["digits"], reading.digits):
             if prediction.image is not None:
                 item["input"] = png_data_url(prediction.image)
-    return out
+    return out, [(p.digit, p.reason) for p in reading.digits]
+
+
+Answer = tuple[dict[str, Any], Counted] | None  # None: dropped, its client answered already
 
 
 def _late_or_read(
     recognizer: Recognizer, kind: str, data: bytes, include_input: bool, deadline: float
-) -> dict[str, Any] | None:
+) -> Answer:
     # Work whose client has already been answered 503 is skipped (None), not done late.
     # time.monotonic is the system's monotonic clock, the same in every process.
     if time.monotonic() > deadline:
@@ -113,12 +129,9 @@ class ThreadReaders:
         self.recognizer = recognizer
         self.pool = ThreadPoolExecutor(count, thread_name_prefix="lenet-read")
 
-    def start(self) -> str | None:
-        return None
-
     def submit(
         self, kind: str, data: bytes, include_input: bool, deadline: float
-    ) -> Future[dict[str, Any] | None]:
+    ) -> Future[Answer]:
         return self.pool.submit(_late_or_read, self.recognizer, kind, data, include_input, deadline)
 
     def problem(self) -> str | None:
@@ -136,8 +149,10 @@ def _reader_main(
 ) -> None:
     """A reading process: load the model, say whether it passed the self-test, then answer
     each picture sent until the server sends None or goes away."""
-    # Ctrl-C reaches the whole process group; the server stops its readers itself.
+    # Ctrl-C reaches the whole process group, and a service manager's stop (SIGTERM) often
+    # too: the server, still answering, stops its readers itself once it is done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from lenet.server.allocator import keep_freed_memory
 
     keep_freed_memory()
@@ -150,7 +165,10 @@ def _reader_main(
         problem = self_test(recognizer)
     except Exception as exc:  # reported to the server, which says it is not ready
         problem = f"a reading process could not load the model: {exc}"
-    connection.send(problem)
+    try:
+        connection.send(problem)
+    except OSError:  # the server is gone already
+        return
     if problem is not None:
         return
     while True:
@@ -171,21 +189,47 @@ def _reader_main(
                 answer = ("failed", f"{type(exc).__name__}: {exc}")
         try:
             connection.send(answer)
-        except (BrokenPipeError, OSError):
+        except OSError:  # the server is gone
             return
+        except Exception as exc:  # an answer that cannot be pickled: a bug, said so
+            connection.send(("failed", f"the answer could not be sent back: {exc}"))
 
 
 class ReaderFailed(Exception):
     """A reading process failed on a picture in a way the picture cannot explain (a bug)."""
 
 
+def _rebuilt(error_type: Any, text: str) -> Exception:
+    """The reader's LenetError again, to be answered with its status and message."""
+    try:
+        error = error_type(text)
+    except Exception:
+        error = None
+    return error if isinstance(error, LenetError) else LenetError(text)
+
+
+def _widen_buffers(connection: multiprocessing.connection.Connection) -> int:
+    """Ask for PIPE_BUFFER_BYTES of socket buffer on a pipe's end; what its send buffer
+    holds (0 when it is not a socket)."""
+    try:
+        end = socket.socket(fileno=os.dup(connection.fileno()))
+    except OSError:
+        return 0
+    with end:  # a duplicate of the descriptor: the options are the socket's own
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                end.setsockopt(socket.SOL_SOCKET, option, PIPE_BUFFER_BYTES)
+            except OSError:
+                pass
+        return end.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
 class _Job:
     def __init__(self, kind: str, data: bytes, include_input: bool, deadline: float) -> None:
         self.message = (kind, data, include_input)
+        self.small = len(data) <= PIPELINED_BYTES
         self.deadline = deadline
-        self.future: asyncio.Future[dict[str, Any] | None] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self.future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
 
 
 class _Reader:
@@ -197,6 +241,9 @@ class _Reader:
         self.ready: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         # The picture it is reading, and the next one waiting in its pipe.
         self.jobs: collections.deque[_Job] = collections.deque()
+        # Both ends' buffers widened: a quarter of what one holds is always free for a
+        # pipelined picture, whatever the answer on its way back.
+        self.pipelined_bytes = min(PIPELINED_BYTES, _widen_buffers(connection) // 4)
 
 
 class ProcessReaders:
@@ -204,9 +251,9 @@ class ProcessReaders:
 
     Each reader has a pipe of its own, and everything on the server's side runs on the event
     loop: a picture is sent to the reader with the least work, and the answer is read when
-    the pipe becomes readable. A reader is sent its next picture while it reads one, so it
-    never waits for the server between pictures. Pictures wait in a queue while every
-    reader has two; one whose deadline has passed is dropped, not read.
+    the pipe becomes readable. A reader reading a small picture is sent the next small one,
+    so that it never waits for the server between pictures. Pictures wait in a queue while
+    no reader can take them; one whose deadline has passed is dropped, not read.
 
     Not concurrent.futures.ProcessPoolExecutor (measured as fast, 265-315 requests/s either
     way): when one of its processes dies, every request in flight in any of them fails and
@@ -220,14 +267,17 @@ class ProcessReaders:
         # spawn, not fork: the server has threads (fork would copy their locks mid-use), and
         # spawn is what every platform has.
         self.context = multiprocessing.get_context("spawn")
-        self.readers: list[_Reader] = []
-        self.serving: list[_Reader] = []  # started, self-tested, not stopped
+        self.readers: list[_Reader] = []  # started and not stopped
+        self.serving: list[_Reader] = []  # of those, the ones that passed the self-test
         self.waiting: collections.deque[_Job] = collections.deque()
-        self.failure: str | None = "starting"
+        self.replacing: set[asyncio.Task[None]] = set()
+        self.last_problem: str | None = None  # the last reader's failure to start
+        self.started = False
         self.closed = False
 
     def _spawn(self) -> _Reader:
         ours, theirs = self.context.Pipe()
+        _widen_buffers(theirs)
         process = self.context.Process(
             target=_reader_main, args=(theirs, *self.args), name="lenet-reader", daemon=True
         )
@@ -251,23 +301,36 @@ class ProcessReaders:
         ]
         problems = [p for p in problems if p is not None]
         if problems:
-            self.failure = "; ".join(dict.fromkeys(problems))
+            self.last_problem = "; ".join(dict.fromkeys(problems))
             for reader in started:
                 self._stop(reader)
-            return self.failure
-        self.failure = None
+            return self.last_problem
+        self.started = True
         for reader in started:
             self._serve(reader)
         return None
 
+    def problem(self) -> str | None:
+        """Why no picture can be read now (for /readyz), or None while a reader serves."""
+        if self.closed:
+            return "shut down"
+        if self.serving:
+            return None
+        if not self.started:
+            return self.last_problem or "starting"
+        if self.last_problem is not None:
+            return f"no reading process is running ({self.last_problem}); retrying"
+        return "no reading process is running; a new one is starting"
+
     def submit(
         self, kind: str, data: bytes, include_input: bool, deadline: float
-    ) -> asyncio.Future[dict[str, Any] | None]:
+    ) -> asyncio.Future[Answer]:
         """The answer to come (None: dropped for its deadline). Call on the event loop."""
-        if self.failure is not None:
-            raise Busy(
-                f"The reading processes are not running ({self.failure}); retry in a moment."
-            )
+        problem = self.problem()
+        # With none serving, a picture waits for a reader being started, unless the last
+        # start failed: then it is refused at once.
+        if problem is not None and (self.closed or not self.started or self.last_problem):
+            raise Busy(f"The reading processes are not running ({problem}); retry in a moment.")
         job = _Job(kind, data, include_input, deadline)
         self.waiting.append(job)
         self._dispatch()
@@ -286,8 +349,10 @@ class ProcessReaders:
             reader = min(self.serving, key=lambda r: len(r.jobs), default=None)
             if reader is None or len(reader.jobs) >= 2:
                 return
-            if reader.jobs and len(job.message[1]) > PIPELINED_BYTES:
-                return  # sent once a reader is free, so that the send cannot block
+            if reader.jobs and not (
+                job.small and reader.jobs[0].small and len(job.message[1]) <= reader.pipelined_bytes
+            ):
+                return  # sent once a reader is free
             self.waiting.popleft()
             reader.jobs.append(job)
             try:
@@ -304,7 +369,7 @@ class ProcessReaders:
     def _readable(self, reader: _Reader) -> None:
         try:
             message = reader.connection.recv()
-        except (EOFError, OSError):
+        except Exception:  # closed (EOFError, OSError) or garbled: the reader is done for
             self._died(reader)
             return
         if not reader.ready.done():
@@ -318,25 +383,26 @@ class ProcessReaders:
             if status in ("ok", "late"):
                 job.future.set_result(value)
             elif status == "refused":
-                error_type, text = value
-                job.future.set_exception(error_type(text))
+                job.future.set_exception(_rebuilt(*value))
             else:
                 job.future.set_exception(ReaderFailed(value))
         self._dispatch()
 
     def _stop(self, reader: _Reader) -> None:
-        asyncio.get_running_loop().remove_reader(reader.connection.fileno())
         if reader in self.readers:
             self.readers.remove(reader)
         if reader in self.serving:
             self.serving.remove(reader)
-        reader.connection.close()
+        if not reader.connection.closed:
+            asyncio.get_running_loop().remove_reader(reader.connection.fileno())
+            reader.connection.close()
         if reader.process.is_alive():
             reader.process.kill()
         reader.process.join(1)
 
     def _died(self, reader: _Reader) -> None:
         jobs = list(reader.jobs)
+        was_serving = reader in self.serving
         self._stop(reader)
         if not reader.ready.done():
             reader.ready.set_result("a reading process exited while loading the model")
@@ -350,46 +416,69 @@ class ProcessReaders:
         # The next picture, not yet begun, goes to another reader.
         self.waiting.extendleft(reversed(jobs[1:]))
         self._dispatch()
-        if self.closed:
-            return
+        if self.closed or not was_serving:
+            return  # one that failed to start is retried by _replace, not here
         log.error("lenet serve: a reading process stopped unexpectedly; starting a new one")
-        asyncio.get_running_loop().create_task(self._replace())
+        task = asyncio.get_running_loop().create_task(self._replace())
+        self.replacing.add(task)
+        task.add_done_callback(self.replacing.discard)
 
     async def _replace(self) -> None:
-        reader = self._spawn()
-        try:
-            problem = await asyncio.wait_for(asyncio.shield(reader.ready), START_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            problem = f"a new reading process did not start within {START_TIMEOUT_S:g} s"
-        if self.closed:
+        """Start a reader in place of one that died, retrying (with a growing pause) until
+        one passes the self-test."""
+        pause = 1.0
+        while not self.closed:
+            reader = self._spawn()
+            try:
+                problem = await asyncio.wait_for(asyncio.shield(reader.ready), START_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                problem = f"a new reading process did not start within {START_TIMEOUT_S:g} s"
+            if self.closed:
+                self._stop(reader)
+                return
+            if problem is None:
+                self.last_problem = None
+                self._serve(reader)
+                return
             self._stop(reader)
-        elif problem is not None:
-            self._stop(reader)
-            self.failure = problem
-            log.error("lenet serve: a reading process could not be restarted: %s", problem)
-        else:
-            self._serve(reader)
+            self.last_problem = problem
+            log.error(
+                "lenet serve: a reading process could not be started (%s); retrying in %g s",
+                problem,
+                pause,
+            )
+            if not self.serving:
+                # Nothing will read them: answered at once rather than at their time limit.
+                self._fail_waiting(f"The reading processes are not running ({problem}).")
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, RETRY_MAX_S)
 
-    def problem(self) -> str | None:
-        """Why pictures cannot be read now (for /readyz), or None."""
-        return self.failure
+    def _fail_waiting(self, message: str) -> None:
+        while self.waiting:
+            job = self.waiting.popleft()
+            if not job.future.done():
+                job.future.set_exception(Busy(message))
 
     def pids(self) -> list[int]:
         """The reading processes' ids (for tests and monitoring)."""
         return sorted(r.process.pid for r in self.readers)
 
     def close(self) -> None:
-        """Stop every reader (after the picture it is reading: milliseconds)."""
+        """Stop every reader once the picture it is reading is answered (milliseconds; a
+        few seconds at most). Call on the event loop."""
         self.closed = True
-        self.failure = "shut down"
-        for job in self.waiting:
-            job.future.cancel()
-        self.waiting.clear()
+        for task in self.replacing:
+            task.cancel()
+        self._fail_waiting("The service is shutting down.")
         for reader in list(self.readers):
             try:
                 reader.connection.send(None)
             except OSError:
                 pass
+        deadline = time.monotonic() + 5.0
         for reader in list(self.readers):
-            reader.process.join(5)
+            reader.process.join(max(deadline - time.monotonic(), 0.0))
+            for job in reader.jobs:
+                if not job.future.done():
+                    job.future.set_exception(Busy("The service is shutting down."))
             self._stop(reader)
