@@ -71,7 +71,7 @@ class ServeSettings:
     # Readers (processes or threads) of this server process; `lenet serve` starts one per
     # core it may use (default_readers).
     readers: int = 2
-    # Requests waiting for a thread beyond this are refused at once (503) rather than queued.
+    # Requests waiting for a reader beyond this are refused at once (503) rather than queued.
     max_pending: int = 128
     # A request not answered within this is answered 503: the client can retry elsewhere.
     timeout_s: float = 10.0
@@ -183,8 +183,7 @@ class Service:
         self.lock = threading.Lock()
 
     def load(self) -> None:
-        """Load the model, check that it answers (the self-test /readyz reports), and start
-        the readers."""
+        """Load the model and check that it answers (the self-test /readyz reports)."""
         recognizer = self.preloaded or Recognizer.load(
             self.settings.weights, backend=serving_backend(self.settings)
         )
