@@ -53,6 +53,8 @@ def metric(client, name, **labels):
     text = client.get("/metrics").text
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():
+        if not labels and (plain := re.fullmatch(rf"{name} (\S+)", line)):
+            return float(plain.group(1))
         match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
         if match and ",".join(sorted(match.group(1).split(","))) == wanted:
             return float(match.group(2))
@@ -738,6 +740,8 @@ def test_a_reading_process_that_dies_is_replaced(client, test_digits):
     data = png(test_digits[0][5])
     readers = client.app.state.service.readers
     before = readers.pids()
+    assert metric(client, "lenet_reading_processes") == 2
+    restarts = metric(client, "lenet_reading_process_restarts_total")
     # Killed while idle: once that is seen (at once: its pipe closes), the other reader
     # answers everything while a new one starts.
     os.kill(before[0], 9)
@@ -760,7 +764,7 @@ def test_a_reading_process_that_dies_is_replaced(client, test_digits):
 
     killed = client.portal.call(kill_while_reading)
     deadline = time.monotonic() + 60
-    while (len(readers.pids()) < 2 or killed in readers.pids()) and time.monotonic() < deadline:
+    while len(readers.serving) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     after = readers.pids()
     assert len(after) == 2 and before[0] not in after and killed not in after
@@ -768,6 +772,9 @@ def test_a_reading_process_that_dies_is_replaced(client, test_digits):
     assert client.get("/readyz").status_code == 200
     answer = client.post("/v1/predict", files={"image": data})
     assert answer.status_code == 200 and answer.json()["digit"] == test_digits[1][5]
+    # Operators see it in /metrics.
+    assert metric(client, "lenet_reading_process_restarts_total") == restarts + 2
+    assert metric(client, "lenet_reading_processes") == 2
 
 
 def test_reading_processes_that_cannot_load_the_model_say_why():

@@ -214,11 +214,18 @@ class Service:
         if reading == "threads":
             self.readers = ThreadReaders(recognizer, self.settings.readers)
             return
+
+        def changed(serving: int, died: bool) -> None:
+            self.metrics.readers.set(serving)
+            if died:
+                self.metrics.reader_restarts.inc()
+
         readers = ProcessReaders(
             self.settings.weights,
             recognizer.backend_name,
             self.settings.max_pixels,
             self.settings.readers,
+            on_change=changed,
         )
         failure = await readers.start()
         self.readers = readers

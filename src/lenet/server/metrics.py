@@ -16,6 +16,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -61,6 +62,19 @@ class ServiceMetrics:
             "Uploads refused, by reason (too_large, too_many_pixels, unsupported_format, "
             "undecodable, bad_request, no_digit, upload_stalled, client_disconnected, busy).",
             ["reason"],
+            registry=self.registry,
+        )
+        # With --workers N, each worker's value is summed (of the workers alive).
+        self.readers = Gauge(
+            "lenet_reading_processes",
+            "Reading processes serving (lenet serve --reading processes); 0 in threads mode.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.reader_restarts = Counter(
+            "lenet_reading_process_restarts",
+            "Reading processes that stopped unexpectedly (killed, out of memory) and were "
+            "replaced.",
             registry=self.registry,
         )
 

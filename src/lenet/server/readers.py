@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -261,9 +262,19 @@ class ProcessReaders:
     dead reader was reading is lost, and the other readers go on while it is replaced.
     """
 
-    def __init__(self, weights: str | None, backend: str, max_pixels: int, count: int) -> None:
+    def __init__(
+        self,
+        weights: str | None,
+        backend: str,
+        max_pixels: int,
+        count: int,
+        on_change: Callable[[int, bool], None] | None = None,
+    ) -> None:
+        """``on_change(serving, died)``: told the number of readers serving whenever it
+        changes, and whether a serving reader died (for the service's metrics)."""
         self.args = (weights, backend, max_pixels)
         self.count = count
+        self.on_change = on_change
         # spawn, not fork: the server has threads (fork would copy their locks mid-use), and
         # spawn is what every platform has.
         self.context = multiprocessing.get_context("spawn")
@@ -364,7 +375,12 @@ class ProcessReaders:
 
     def _serve(self, reader: _Reader) -> None:
         self.serving.append(reader)
+        self._changed(died=False)
         self._dispatch()
+
+    def _changed(self, died: bool) -> None:
+        if self.on_change is not None:
+            self.on_change(len(self.serving), died)
 
     def _readable(self, reader: _Reader) -> None:
         try:
@@ -404,6 +420,8 @@ class ProcessReaders:
         jobs = list(reader.jobs)
         was_serving = reader in self.serving
         self._stop(reader)
+        if was_serving:
+            self._changed(died=not self.closed)
         if not reader.ready.done():
             reader.ready.set_result("a reading process exited while loading the model")
         if jobs and not jobs[0].future.done():
@@ -482,3 +500,4 @@ class ProcessReaders:
                 if not job.future.done():
                     job.future.set_exception(Busy("The service is shutting down."))
             self._stop(reader)
+        self._changed(died=False)
