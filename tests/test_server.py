@@ -843,6 +843,21 @@ def test_a_reader_that_cannot_be_replaced_says_why_and_is_retried(tmp_path, test
     asyncio.run(scenario())
 
 
+def test_default_readers_follow_the_cpu_quota(tmp_path):
+    from lenet.server.app import default_readers, usable_cores
+
+    cores = usable_cores(str(tmp_path / "none"))  # no cgroup v2 file: affinity alone
+    assert cores >= 1
+    quota = tmp_path / "cpu.max"
+    quota.write_text("50000 100000\n")  # docker --cpus 0.5
+    assert usable_cores(str(quota)) == 1
+    quota.write_text("150000 100000\n")  # docker --cpus 1.5: two cores, partly
+    assert usable_cores(str(quota)) == min(cores, 2)
+    quota.write_text("max 100000\n")
+    assert usable_cores(str(quota)) == cores
+    assert default_readers(1) <= 4 and default_readers(10**6) == 1
+
+
 def test_serve_settings_are_checked():
     with pytest.raises(LenetError, match="processes, threads"):
         ServeSettings(reading="fork")

@@ -101,15 +101,15 @@ class ServeSettings:
 MAX_DEFAULT_READERS = 4
 
 
-def usable_cores() -> int:
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """The cores this process may use: its CPU affinity (taskset, cpusets), and a cgroup v2
-    CPU quota (docker --cpus, Kubernetes limits), which affinity does not show."""
+    CPU quota (docker --cpus, Kubernetes limits; ``cpu_max``), which affinity does not show."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
+        with open(cpu_max) as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
