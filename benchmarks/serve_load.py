@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import userstyle  # noqa: E402
 from machine import cpu_model  # noqa: E402
+from serving import started_by  # noqa: E402
 
 from lenet.data import load_dataset  # noqa: E402
 
@@ -178,23 +179,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def children(pid: int) -> list[int]:
-    """The processes ``pid`` started (its reading processes, and multiprocessing's resource
-    tracker), from each process's parent in /proc/*/stat."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            pass  # a process that ended while being read
-    return found
-
-
 def family_rss_mb(pid: int) -> tuple[float, float]:
     """Resident memory of the server process, and of it with every process it started."""
     own = rss_mb(pid)
-    return own, own + sum(rss_mb(child) for child in children(pid))
+    return own, own + sum(rss_mb(child) for child in started_by(pid))
 
 
 def report(name: str, tally: Tally, elapsed: float) -> None:
@@ -380,7 +368,7 @@ def main() -> None:
                 server.wait(10)
                 server = start_server(port, args.workers, args.backend, reading=reading)
                 asyncio.run(load(port, work, 4, 2.0))  # warm-up
-                readers = [pid for pid in children(server.pid) if "spawn_main" in
+                readers = [pid for pid in started_by(server.pid) if "spawn_main" in
                            Path(f"/proc/{pid}/cmdline").read_text()]  # fmt: skip
                 before = [cpu_seconds(pid) for pid in [server.pid, *readers]]
                 tally, elapsed = asyncio.run(load(port, work, 16, 15.0))

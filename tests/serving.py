@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+
+
+def started_by(pid: int) -> list[int]:
+    """The processes ``pid`` started (a server's reading processes, and multiprocessing's
+    resource tracker), from each process's parent in /proc/*/stat (Linux)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass  # ended while being read
+    return found
 
 
 def free_port() -> int:

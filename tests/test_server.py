@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from serving import lenet_serve
+from serving import lenet_serve, started_by
 
 from lenet.errors import LenetError
 from lenet.recognize import Recognizer
@@ -865,20 +865,6 @@ def test_serve_settings_are_checked():
         ServeSettings(readers=0)
 
 
-def _started_by(pid):
-    """The processes ``pid`` started, from their parents in /proc/*/stat."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass  # ended while being read
-    return found
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_reading_processes_end_when_the_server_is_killed():
     """Even SIGKILLed, the server leaves no reading process behind holding its pipes."""
@@ -886,10 +872,10 @@ def test_reading_processes_end_when_the_server_is_killed():
         port = base.rsplit(":", 1)[1]
         (server,) = [
             pid
-            for pid in _started_by(os.getpid())
+            for pid in started_by(os.getpid())
             if f"--port\0{port}\0" in open(f"/proc/{pid}/cmdline").read()
         ]
-        started = _started_by(server)  # the two readers and multiprocessing's tracker
+        started = started_by(server)  # the two readers and multiprocessing's tracker
         assert len(started) >= 2
         os.kill(server, 9)
         deadline = time.monotonic() + 20

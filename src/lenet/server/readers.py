@@ -40,8 +40,6 @@ from lenet.recognize import Recognizer
 log = logging.getLogger("lenet.server")
 
 READINGS = ("processes", "threads")
-# The routes whose work a reader does: one digit (/v1/predict) or a line of them (/v1/read).
-KINDS = ("predict", "read")
 # Start-up of a reading process: a fresh interpreter importing NumPy, SciPy, Pillow and the
 # model's runtime, then loading the model (1 to 3 s here; more on a busy or slow machine).
 START_TIMEOUT_S = 120.0
@@ -179,15 +177,12 @@ def _reader_main(
             return
         if job is None:
             return
-        kind, data, include_input, deadline = job
-        answer: tuple[str, Any] = ("late", None)  # waited in the pipe past its time limit
-        if time.monotonic() <= deadline:
-            try:
-                answer = ("ok", read_picture(recognizer, kind, data, include_input))
-            except LenetError as exc:  # the picture's fault: answered 4xx with this message
-                answer = ("refused", (type(exc), str(exc)))
-            except Exception as exc:  # a bug: the server answers 500 and logs it
-                answer = ("failed", f"{type(exc).__name__}: {exc}")
+        try:  # None when it waited in the pipe past its time limit
+            answer: tuple[str, Any] = ("ok", _late_or_read(recognizer, *job))
+        except LenetError as exc:  # the picture's fault: answered 4xx with this message
+            answer = ("refused", (type(exc), str(exc)))
+        except Exception as exc:  # a bug: the server answers 500 and logs it
+            answer = ("failed", f"{type(exc).__name__}: {exc}")
         try:
             connection.send(answer)
         except OSError:  # the server is gone
@@ -361,7 +356,7 @@ class ProcessReaders:
             if reader is None or len(reader.jobs) >= 2:
                 return
             if reader.jobs and not (
-                job.small and reader.jobs[0].small and len(job.message[1]) <= reader.pipelined_bytes
+                reader.jobs[0].small and len(job.message[1]) <= reader.pipelined_bytes
             ):
                 return  # sent once a reader is free
             self.waiting.popleft()
@@ -396,7 +391,7 @@ class ProcessReaders:
         job = reader.jobs.popleft()
         if not job.future.done():
             status, value = message
-            if status in ("ok", "late"):
+            if status == "ok":
                 job.future.set_result(value)
             elif status == "refused":
                 job.future.set_exception(_rebuilt(*value))
