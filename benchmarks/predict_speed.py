@@ -4,7 +4,8 @@
 
 Prints the machine, versions, and per stage the median time for one 640x480 JPEG of a
 handwritten digit on paper (decode, preprocess, model) on one thread, end to end with `lenet
-predict`'s default backend and with each of torch and onnx, then files per second
+predict`'s default backend and with each of torch and onnx; then one 280x280 drawing-page PNG
+decoded by libspng and by Pillow (lenet/png.py), alternated; then files per second
 for the 10,000 MNIST test images written as PNG files and read back with `lenet predict`'s
 code path (one thread and all threads).
 """
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 from machine import cpu_model  # noqa: E402
 from PIL import Image
+from serve_load import canvas_png
 
+from lenet import png
 from lenet.backends import command_line_backend
 from lenet.data import load_dataset
 from lenet.preprocess import find_ink, load_picture, mnist_digit, preprocess
@@ -90,6 +93,30 @@ def main() -> None:
         stages[f"**total with the {each} backend**"] = lambda r=other: r.predict(jpeg)
     for name, fn in stages.items():
         print(f"| {name} | {median_ms(fn):.2f} |")
+
+    print("\n## One 280x280 drawing-page PNG (dark strokes on transparency), one thread\n")
+    if not png.available():
+        print("(libspng not installed: `pip install pyspng-seunglab`; Pillow decodes every PNG)")
+    else:
+        canvases = [canvas_png(images[i], np.random.default_rng(i)) for i in range(50)]
+        cycle = iter(range(10**9))
+
+        def decode_one() -> None:
+            load_picture(canvases[next(cycle) % len(canvases)])
+
+        def read_one() -> None:
+            recognizer.predict(canvases[next(cycle) % len(canvases)])
+
+        timings: dict[str, list[float]] = {}
+        for _ in range(3):  # alternated: this machine's speed drifts from minute to minute
+            for decoder in ("libspng", "Pillow"):
+                png._spng = None if decoder == "libspng" else False
+                timings.setdefault(f"decode, {decoder}", []).append(median_ms(decode_one))
+                timings.setdefault(f"Recognizer.predict, {decoder}", []).append(median_ms(read_one))
+        png._spng = None
+        print("| stage, PNG decoder | ms (three alternated rounds) |\n|---|---|")
+        for name, values in timings.items():
+            print(f"| {name} | {', '.join(f'{v:.2f}' for v in values)} |")
 
     print("\n## The 10,000 MNIST test images as PNG files\n")
     print("| threads | files/s | accuracy |\n|---|---|---|")

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+from lenet import png
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
 from lenet.segment import bounds, group_strokes
 from lenet.stats import median, quantiles
@@ -62,8 +63,10 @@ SUPPORTED = ", ".join(f for f in ALLOWED_FORMATS if f != "MPO")
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _open(source: ImageSource, max_pixels: int) -> Image.Image:
-    """Open lazily and check format and pixel count before anything is decoded."""
+def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | None]:
+    """Open lazily and check format and pixel count before anything is decoded; with the
+    file's bytes when they were read here (a PNG's go to libspng, see lenet.png)."""
+    data: bytes | None = None
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -79,13 +82,15 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
         elif isinstance(source, (bytes, bytearray, memoryview)):
             if not len(source):
                 raise ImageError("The image is empty (0 bytes).")
-            opened = io.BytesIO(bytes(source))
+            data = bytes(source)
+            opened = io.BytesIO(data)
         elif hasattr(source, "read"):
-            data = source.read()
-            if isinstance(data, str):
+            read = source.read()
+            if isinstance(read, str):
                 raise ImageError("The file was opened in text mode: open it with mode 'rb'.")
-            if not data:
+            if not read:
                 raise ImageError("The image is empty (0 bytes).")
+            data = bytes(read)
             opened = io.BytesIO(data)
         else:
             raise ImageError(
@@ -122,7 +127,9 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
         )
     if width == 0 or height == 0:
         raise ImageError("The image has no pixels.")
-    return image
+    if data is None and image.format == "PNG" and isinstance(source, (str, os.PathLike)):
+        data = Path(source).read_bytes()  # Pillow would read all of it to decode it
+    return image, data
 
 
 def _composite(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -137,19 +144,64 @@ def _composite(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return grey * alpha + background * (1.0 - alpha)
 
 
+def _composite8(grey: np.ndarray | None, alpha: np.ndarray) -> np.ndarray:
+    """``_composite`` of 8-bit grey and alpha (``grey`` None: all black), with the passes that
+    cannot change the result left out."""
+    alpha_f = np.asarray(alpha, dtype=np.float32) / 255.0
+    if grey is None or not grey.any():
+        # Black strokes, as the drawing page and most canvases export them: the formula
+        # reduces to this, to the last bit (0 * alpha adds an exact zero).
+        return 1.0 - alpha_f
+    grey_f = np.asarray(grey, dtype=np.float32) / 255.0
+    if alpha.min() == 255:
+        return grey_f  # opaque: the formula gives grey * 1 + 0, the same values
+    return _composite(grey_f, alpha_f)
+
+
+def _from_pixels(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Grey values in [0, 1] of 8-bit L, LA, RGB or RGBA pixels, as Pillow's conversions give
+    them in ``_to_grey`` (the same luma, rounded the same way)."""
+    if mode == "L":
+        return np.asarray(pixels, dtype=np.float32) / 255.0
+    if mode == "LA":
+        return _composite8(pixels[..., 0], pixels[..., 1])
+    if mode == "RGBA":
+        # Colour channels all zero (read as one little-endian word a pixel, alpha masked
+        # off): a canvas export, whose grey is black without converting anything.
+        words = np.ascontiguousarray(pixels).view("<u4")
+        if not np.bitwise_and(words, 0x00FFFFFF).any():
+            return _composite8(None, pixels[..., 3])
+    # Pillow's integer luma is faster than NumPy's over three channels.
+    grey = np.asarray(Image.fromarray(pixels).convert("L"))
+    if mode == "RGBA":
+        return _composite8(grey, pixels[..., 3])
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
 def work_scale(width: int, height: int) -> float:
     """The scale (at most 1) at which a ``width`` x ``height`` picture is analysed."""
     scale = max(WORK_MAX_SIDE / max(width, height), WORK_MIN_SIDE / min(width, height))
     return min(1.0, scale, (WORK_MAX_PIXELS / (width * height)) ** 0.5)
 
 
-def _to_grey(image: Image.Image) -> tuple[np.ndarray, float]:
+def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray, float]:
     """Decode to a float32 (H, W) array in [0, 1], and its scale to the original.
 
     A large picture is shrunk while decoding (JPEG) or right after (others), in Pillow's own
-    integer formats, so memory stays small whatever the picture's size.
+    integer formats, so memory stays small whatever the picture's size. ``data``: the file's
+    bytes, when at hand (a plain PNG is then decoded by libspng, see lenet.png).
     """
     original = max(image.size)
+    decoded = png.decode(data) if data is not None and image.format == "PNG" else None
+    if decoded is not None:
+        pixels, mode = decoded
+        image.close()  # opened here, from bytes lenet holds: nothing else reads it
+        # As below: the largest whole factor that keeps the working size, by Pillow's reduce.
+        shrink = int(1.0 / work_scale(*image.size) + 1e-9)
+        if shrink < 2:
+            return _from_pixels(pixels, mode), 1.0
+        small = Image.fromarray(pixels).reduce(shrink)
+        return _from_pixels(np.asarray(small), mode), max(small.size) / original
     try:
         image.seek(0)  # animated GIF/WebP/TIFF: the first frame
     except (EOFError, AttributeError, ValueError):
@@ -193,9 +245,8 @@ def _to_grey(image: Image.Image) -> tuple[np.ndarray, float]:
         if mode in ("RGBA", "LA"):
             # Pillow's own grey conversion (the same luma weights) is several times faster
             # than converting all four channels to float here.
-            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-            alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
-            return _composite(grey, alpha), scale
+            grey = np.asarray(image.convert("L"))
+            return _composite8(grey, np.asarray(image.getchannel("A"))), scale
         return _from_array(np.asarray(image.convert("RGBA"))), scale
     return np.asarray(image.convert("RGB").convert("L"), dtype=np.float32) / 255.0, scale
 
@@ -268,7 +319,7 @@ def load_picture(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> P
         if source.size > max_pixels * (4 if source.ndim == 3 else 1):
             raise ImageTooLarge(f"The image array has {source.size:,} values, over the limit.")
         return Picture(_from_array(source))
-    return Picture(*_to_grey(_open(source, max_pixels)))
+    return Picture(*_to_grey(*_open(source, max_pixels)))
 
 
 @dataclass(frozen=True)
