@@ -36,7 +36,7 @@ from lenet.errors import LenetError
 from lenet.preprocess import DEFAULT_MAX_PIXELS
 from lenet.recognize import Recognizer
 from lenet.server import schemas
-from lenet.server.allocator import keep_freed_memory
+from lenet.server.allocator import freeze_loaded_objects, keep_freed_memory
 from lenet.server.metrics import MetricsMiddleware, ServiceMetrics
 from lenet.server.readers import (
     READINGS,
@@ -342,6 +342,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(service.pool, service.load)
         await service.start_readers()
+        freeze_loaded_objects()
         if announce and service.ready_error is None and service.recognizer is not None:
             print(ready_line(service.recognizer.name, settings.host, settings.port), flush=True)
         try:

@@ -152,7 +152,7 @@ def _reader_main(
     # too: the server, still answering, stops its readers itself once it is done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from lenet.server.allocator import keep_freed_memory
+    from lenet.server.allocator import freeze_loaded_objects, keep_freed_memory
 
     keep_freed_memory()
     try:
@@ -170,6 +170,7 @@ def _reader_main(
         return
     if problem is not None:
         return
+    freeze_loaded_objects()
     while True:
         try:
             job = connection.recv()
