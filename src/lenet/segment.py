@@ -30,6 +30,8 @@ PART_HEIGHT = 0.5
 # Wider than this times its height is a ruled line or an underline, never a digit.
 LINE_ASPECT = 4.0
 MAX_PIECES = 8
+# A stroke's pixels touch by a side or a corner (a thin diagonal stroke is one piece).
+ALL_NEIGHBOURS = np.ones((3, 3), bool)
 
 
 def bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -40,7 +42,7 @@ def bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 def group_strokes(mask: np.ndarray) -> list[np.ndarray]:
     """Masks of the digits (groups of strokes) in ``mask``, left to right, lines left out."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    labels, count = ndimage.label(mask, structure=ALL_NEIGHBOURS)
     boxes = [
         (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop) for sl in ndimage.find_objects(labels)
     ]
