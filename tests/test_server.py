@@ -666,7 +666,7 @@ with TestClient(create_app(ServeSettings(reading="threads"))) as client:
 
 
 def test_a_ready_server_leaves_what_it_loaded_out_of_full_collections():
-    """A full garbage collection walked the ~85,000 objects start-up loads (45-68 ms, every
+    """A full garbage collection walked the ~80,000 objects start-up loads (45-68 ms, every
     request in flight held up); once ready, the server has frozen them (gc.freeze)."""
     run = subprocess.run(
         [sys.executable, "-c", FULL_COLLECTION_PROBE], capture_output=True, text=True

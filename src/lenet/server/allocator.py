@@ -12,7 +12,7 @@ clients, the low end within this machine's noise (benchmarks/serve_load.py, sect
 README has the figures).
 
 Python's full garbage collections walk every container object alive: after importing
-onnxruntime (or PyTorch), NumPy, SciPy and FastAPI and loading a model, about 85,000 of them,
+onnxruntime (or PyTorch), NumPy, SciPy and FastAPI and loading a model, about 80,000 of them,
 45 to 68 ms a pass, measured in `lenet serve` under load, where one came every 6 to 8 seconds
 and held up every request in flight (the slowest 1% of requests came in such bursts of 16).
 What start-up loaded lives as long as the process, so it is taken out of the collector's
