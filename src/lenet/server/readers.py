@@ -5,8 +5,9 @@ the MNIST construction; the model itself is 0.1 to 0.3 ms). In threads, the GIL 
 server use about 1.4 of two cores; in processes of their own, each with its own copy of the
 model, 16 clients on a 2-core machine were answered at 270 to 367 requests/s against 135 to
 221 with threads, alternated in the same runs (benchmarks/serve_load.py, section 6, measured
-before PNGs were decoded by libspng; the README has the current figures). The server process keeps the HTTP work, and a Recognizer of its own for /v1/models
-and /v1/explain (which needs PyTorch's gradients and is rarely asked).
+before PNGs were decoded by libspng; the README has the current figures). The server process
+keeps the HTTP work, and a Recognizer of its own for /v1/models and /v1/explain (which needs
+PyTorch's gradients and is rarely asked).
 
 A reading process that dies (killed, out of memory) takes the picture it was reading with it:
 that request is answered 503 and a new process takes its place. A reading process exits when
