@@ -130,7 +130,14 @@ def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | No
         )
     if width == 0 or height == 0:
         raise ImageError("The image has no pixels.")
-    if data is None and image.format == "PNG" and isinstance(source, (str, os.PathLike)):
+    if (
+        data is None
+        and isinstance(source, (str, os.PathLike))
+        and image.format == "PNG"
+        and png.available()
+        and image.mode in png.MODES.values()  # a palette or 16-bit grey file stays Pillow's
+        and "transparency" not in image.info
+    ):
         data = Path(source).read_bytes()  # Pillow would read all of it to decode it
     return image, data
 
