@@ -13,6 +13,7 @@ code path (one thread and all threads).
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import platform
 import statistics
@@ -98,14 +99,15 @@ def main() -> None:
     if not png.available():
         print("(libspng not installed: `pip install pyspng-seunglab`; Pillow decodes every PNG)")
     else:
-        canvases = [canvas_png(images[i], np.random.default_rng(i)) for i in range(50)]
-        cycle = iter(range(10**9))
+        canvases = itertools.cycle(
+            [canvas_png(images[i], np.random.default_rng(i)) for i in range(50)]
+        )
 
         def decode_one() -> None:
-            load_picture(canvases[next(cycle) % len(canvases)])
+            load_picture(next(canvases))
 
         def read_one() -> None:
-            recognizer.predict(canvases[next(cycle) % len(canvases)])
+            recognizer.predict(next(canvases))
 
         timings: dict[str, list[float]] = {}
         for _ in range(3):  # alternated: this machine's speed drifts from minute to minute

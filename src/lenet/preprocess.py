@@ -194,6 +194,12 @@ def work_scale(width: int, height: int) -> float:
     return min(1.0, scale, (WORK_MAX_PIXELS / (width * height)) ** 0.5)
 
 
+def _whole_shrink(size: tuple[int, int]) -> int:
+    """The largest whole factor that keeps a picture of ``size`` at least at the working size
+    (the tolerance: a quotient that should be whole may land just under it in floats)."""
+    return int(1.0 / work_scale(*size) + 1e-9)
+
+
 def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray, float]:
     """Decode to a float32 (H, W) array in [0, 1], and its scale to the original.
 
@@ -206,8 +212,7 @@ def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray,
     if decoded is not None:
         pixels, mode = decoded
         image.close()  # opened here, from bytes lenet holds: nothing else reads it
-        # As below: the largest whole factor that keeps the working size, by Pillow's reduce.
-        shrink = int(1.0 / work_scale(*image.size) + 1e-9)
+        shrink = _whole_shrink(image.size)  # as below, by Pillow's reduce
         if shrink < 2:
             return _from_pixels(pixels, mode), 1.0
         small = Image.fromarray(pixels).reduce(shrink)
@@ -226,9 +231,7 @@ def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray,
         # exif_transpose copies the whole picture even when it has nothing to turn.
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             image = ImageOps.exif_transpose(image)
-        # The largest whole factor that keeps the picture at least at the working size (the
-        # tolerance: a quotient that should be whole may land just under it in floats).
-        shrink = int(1.0 / work_scale(*image.size) + 1e-9)
+        shrink = _whole_shrink(image.size)
         if shrink >= 2 and image.mode in ("L", "LA", "RGB", "RGBA", "CMYK", "P"):
             image = (image.convert("RGBA") if image.mode == "P" else image).reduce(shrink)
     except Image.DecompressionBombError as exc:
