@@ -5,7 +5,7 @@
 Builds the service as `lenet serve` does (in this process; pictures read in threads, so that
 everything it loads is here), waits until it is ready, and times `gc.collect()` five times
 with what start-up loaded frozen out of collection (what `lenet serve` does once ready,
-lenet/server/allocator.py), and five times without. Every request in flight waits for a full
+lenet/allocator.py), and five times without. Every request in flight waits for a full
 collection in the server process; the reading processes have the same, smaller, pauses.
 """
 

@@ -16,7 +16,7 @@ Prints the machine and versions, then:
   4. 16 clients with 10% bad uploads (image bombs, truncated files, wrong content types,
      random bytes): every bad one must be 4xx, every good one still correct, no 5xx;
   5. 16 clients against `lenet serve --reading threads` as it runs and against one left to
-     glibc's default allocator behaviour (lenet.server.allocator), alternated: requests/s and
+     glibc's default allocator behaviour (lenet.allocator), alternated: requests/s and
      page faults;
   6. 16 clients against `lenet serve` reading in processes (the default) and in threads,
      alternated: requests/s and latency.
@@ -346,7 +346,7 @@ def main() -> None:
         report(f"16 clients, 10% bad, {args.seconds:g} s", tally, elapsed)
         print("statuses:", dict(sorted(tally.statuses.items())))
 
-        # lenet serve keeps freed memory for reuse (lenet.server.allocator); the same load on
+        # lenet serve keeps freed memory for reuse (lenet.allocator); the same load on
         # a server left to glibc's defaults, alternated to share the machine's slow and fast
         # minutes.
         print(

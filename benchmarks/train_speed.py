@@ -71,15 +71,29 @@ def task_book_loop(epochs: int, workers: int, quick: bool) -> dict:
 
 
 def task_lenet_recipe(
-    model: str, recipe: str, epochs: int | None, quick: bool, device: str = "auto", amp: str = "off"
+    model: str,
+    recipe: str,
+    epochs: int | None,
+    quick: bool,
+    device: str = "auto",
+    amp: str = "off",
+    allocator: str = "lenet",
 ) -> dict:
-    """`lenet train` with a recipe; test accuracy recorded after every epoch (not timed)."""
+    """`lenet train` with a recipe; test accuracy recorded after every epoch (not timed).
+
+    ``allocator="default"`` leaves glibc's malloc as it comes (lenet's training keeps freed
+    blocks for reuse: lenet/allocator.py), to show what that setting is worth.
+    """
     import tempfile
 
+    import lenet.training
     from lenet.config import resolve_config
     from lenet.data import Dataset, Split, load_dataset
     from lenet.evaluation import evaluate_model
     from lenet.training import input_normalization, train
+
+    if allocator == "default":
+        lenet.training.keep_freed_memory = lambda: False
 
     data = load_dataset("mnist")
     if quick:
@@ -208,6 +222,10 @@ def main() -> None:
         results["book_loop_4_workers"] = run_task(["book", "4", *q])
     book_epochs = "1" if args.quick else "2"
     results["book_recipe"] = run_task(["recipe", "lenet", "book", book_epochs, *q, *where])
+    if not on_gpu:
+        results["book_recipe_default_allocator"] = run_task(
+            ["recipe", "lenet", "book", book_epochs, *q, *where, "allocator=default"]
+        )
     results["default_lenet"] = run_task(["recipe", "lenet", "default", "-", *q, *where])
     results["default_lenet_relu"] = run_task(["recipe", "lenet-relu", "default", "-", *q, *where])
     results["evaluate"] = run_task(["evaluate", f"device={device.type}"])
@@ -230,6 +248,13 @@ def main() -> None:
         print(
             f"| {label} | {book_s:.2f} | {book_rate:,.0f} | {book_s / ours_s:.2f}x | "
             f"{results[key]['peak_rss_mb']:.0f} |"
+        )
+    if "book_recipe_default_allocator" in results:
+        plain_s, plain_rate = per_epoch(results["book_recipe_default_allocator"])
+        print(
+            f"| `lenet train --recipe book`, glibc's default allocator (freed blocks not kept) "
+            f"| {plain_s:.2f} | {plain_rate:,.0f} | {plain_s / ours_s:.2f}x | "
+            f"{results['book_recipe_default_allocator']['peak_rss_mb']:.0f} |"
         )
     print(
         f"| `lenet train --recipe book` | {ours_s:.2f} | {ours_rate:,.0f} | 1.00x | "

@@ -601,7 +601,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 from lenet.preprocess import preprocess
-from lenet.server.allocator import keep_freed_memory
+from lenet.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 rng = np.random.default_rng(0)
@@ -628,7 +628,7 @@ GLIBC = bool(getattr(os, "confstr", lambda _: None)("CS_GNU_LIBC_VERSION"))
 @pytest.mark.skipif(not GLIBC, reason="the setting is glibc's")
 def test_the_server_keeps_freed_memory_instead_of_faulting_it_back(monkeypatch):
     """Reading pictures in two threads made glibc return and re-fault ~550 pages a picture;
-    `lenet serve` keeps freed blocks (lenet.server.allocator)."""
+    `lenet serve` keeps freed blocks (lenet.allocator)."""
 
     def faults(mode):
         run = subprocess.run(

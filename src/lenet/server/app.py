@@ -32,11 +32,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lenet import __version__
+from lenet.allocator import freeze_loaded_objects, keep_freed_memory
 from lenet.errors import LenetError
 from lenet.preprocess import DEFAULT_MAX_PIXELS
 from lenet.recognize import Recognizer
 from lenet.server import schemas
-from lenet.server.allocator import freeze_loaded_objects, keep_freed_memory
 from lenet.server.metrics import MetricsMiddleware, ServiceMetrics
 from lenet.server.readers import (
     READINGS,

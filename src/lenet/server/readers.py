@@ -153,7 +153,7 @@ def _reader_main(
     # too: the server, still answering, stops its readers itself once it is done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from lenet.server.allocator import freeze_loaded_objects, keep_freed_memory
+    from lenet.allocator import freeze_loaded_objects, keep_freed_memory
 
     keep_freed_memory()
     try:

@@ -12,8 +12,8 @@ from typing import Any
 
 import uvicorn
 
+from lenet.allocator import keep_freed_memory
 from lenet.recognize import Recognizer
-from lenet.server.allocator import keep_freed_memory
 from lenet.server.app import SETTINGS_ENV, ServeSettings, create_app, ready_line
 from lenet.server.metrics import MULTIPROC_ENV
 
