@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lenet import __version__
+from lenet import __version__, first_stage
 from lenet.allocator import keep_freed_memory
 from lenet.atomic import write_text_atomic
 from lenet.augment import AUGMENTATIONS
@@ -45,6 +45,7 @@ from lenet.distributed import (
 from lenet.errors import RunDirError, TrainingInterrupted
 from lenet.evaluation import evaluate_model
 from lenet.models import (
+    LeNet,
     Normalization,
     TrainingView,
     count_macs,
@@ -589,6 +590,15 @@ def train(
         "samples_per_second": round(n_train * epochs_done / max(step_seconds, 1e-9), 1),
         "device": str(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        # The compiled first stage of the tutorial's network ("avx2" or "plain"), when it ran.
+        "first_stage_kernel": (
+            first_stage.variant()
+            if device.type == "cpu"
+            and isinstance(model, LeNet)
+            and config.amp == "off"
+            and first_stage.available()
+            else None
+        ),
         "torch_version": str(torch.__version__),
         "lenet_version": __version__,
         "command": reproduce_command(config),

@@ -1,0 +1,35 @@
+"""The one compiled part of lenet: the tutorial LeNet's first stage for CPU training steps.
+
+Everything else is in pyproject.toml. The extension is optional: where it cannot be built (no C
+compiler, an unusual platform) the install goes on without it and training runs PyTorch's own
+kernels for that stage (lenet/first_stage.py says which ran).
+"""
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildExt(build_ext):
+    """GCC's and Clang's flags. (The source uses their vector extensions, so MSVC fails to
+    build it, and the install goes on without it.)"""
+
+    def build_extensions(self) -> None:
+        if self.compiler.compiler_type != "msvc":
+            for extension in self.extensions:
+                # -O3: the loops over a map's row vectorise; no -march: the AVX2 variant is
+                # chosen at import, so one build runs on any x86-64 CPU.
+                extension.extra_compile_args = ["-O3", "-Wno-psabi"]
+        super().build_extensions()
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "lenet._first_stage",
+            sources=["src/lenet/_first_stage.c"],
+            depends=["src/lenet/_first_stage_kernels.h"],
+            optional=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildExt},
+)

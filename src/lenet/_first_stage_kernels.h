@@ -1,0 +1,121 @@
+/* The kernels of _first_stage.c, compiled once for each instruction set it dispatches to:
+ * included with NAME(f) giving each function its variant's name and TARGET its instruction
+ * set (empty: the compiler's default). */
+
+static inline TARGET v8 NAME(load8)(const float *p)
+{
+    v8 v;
+    memcpy(&v, p, sizeof v); /* unaligned */
+    return v;
+}
+
+static inline TARGET v8 NAME(splat8)(float f) { return (v8){f, f, f, f, f, f, f, f}; }
+
+
+static inline TARGET v8 NAME(select8)(v8i mask, v8 a, v8 b)
+{
+    return (v8)((mask & (v8i)a) | (~mask & (v8i)b));
+}
+
+/* The 2x2 windows of two map rows 16 pixels wide (a0 a1: the top row's two halves, b0 b1:
+ * the bottom row's): each window's largest value and which pixel it was (0 1 / 2 3), the
+ * first largest in row order, NaN winning, as PyTorch's pooling picks. */
+static inline TARGET void NAME(pool_row)(v8 a0, v8 a1, v8 b0, v8 b1, v8 *best, v8i *k)
+{
+    const v8 cand[4] = {
+        SHUFFLE(a0, a1, 0, 2, 4, 6, 8, 10, 12, 14), SHUFFLE(a0, a1, 1, 3, 5, 7, 9, 11, 13, 15),
+        SHUFFLE(b0, b1, 0, 2, 4, 6, 8, 10, 12, 14), SHUFFLE(b0, b1, 1, 3, 5, 7, 9, 11, 13, 15),
+    };
+    v8 m = cand[0];
+    v8i which = {0};
+    for (int i = 1; i < 4; i++) {
+        const v8i wins = (cand[i] > m) | (cand[i] != cand[i]);
+        m = NAME(select8)(wins, cand[i], m);
+        which = (wins & i) | (~wins & which);
+    }
+    *best = m;
+    *k = which;
+}
+
+static TARGET void NAME(forward_image)(const float *restrict x, const float *restrict w,
+                          const float *restrict b, float *restrict out,
+                          unsigned char *restrict arg)
+{
+    /* Each row of the six 24-pixel maps is three vectors per map. The maps are made three at
+     * a time, so that 9 running sums, the 3 vectors of input and a weight fit the 16 AVX
+     * registers, and every input vector loaded serves three maps. */
+    float conv[MAPS][CONV][CONV];
+    for (int c0 = 0; c0 < MAPS; c0 += 3) {
+        for (int i = 0; i < CONV; i++) {
+            v8 acc[3][3];
+            for (int c = 0; c < 3; c++)
+                acc[c][0] = acc[c][1] = acc[c][2] = NAME(splat8)(b[c0 + c]);
+            for (int u = 0; u < K; u++) {
+                const float *xr = x + (i + u) * SIDE;
+                for (int v = 0; v < K; v++) {
+                    const v8 x0 = NAME(load8)(xr + v), x1 = NAME(load8)(xr + v + 8), x2 = NAME(load8)(xr + v + 16);
+                    for (int c = 0; c < 3; c++) {
+                        const v8 wv = NAME(splat8)(w[(c0 + c) * TAPS + u * K + v]);
+                        acc[c][0] += wv * x0;
+                        acc[c][1] += wv * x1;
+                        acc[c][2] += wv * x2;
+                    }
+                }
+            }
+            for (int c = 0; c < 3; c++)
+                memcpy(conv[c0 + c][i], acc[c], sizeof acc[c]);
+        }
+    }
+    /* out and arg are (12, 12, 6): channels last, the layout the second convolution takes.
+     * Eight windows at a time, with selects (which pixel wins is a coin toss to a branch
+     * predictor: branches took several times the convolution's time). */
+    for (int c = 0; c < MAPS; c++) {
+        for (int p = 0; p < POOLED; p++) {
+            const float *top = conv[c][2 * p], *bottom = conv[c][2 * p + 1];
+            v8 best[2];
+            v8i k[2];
+            NAME(pool_row)(NAME(load8)(top), NAME(load8)(top + 8), NAME(load8)(bottom), NAME(load8)(bottom + 8), &best[0], &k[0]);
+            const v8 top2 = NAME(load8)(top + 16), bottom2 = NAME(load8)(bottom + 16);
+            NAME(pool_row)(top2, top2, bottom2, bottom2, &best[1], &k[1]);
+            for (int q = 0; q < POOLED; q++) {
+                out[(p * POOLED + q) * MAPS + c] = best[q >> 3][q & 7];
+                arg[(p * POOLED + q) * MAPS + c] = (unsigned char)k[q >> 3][q & 7];
+            }
+        }
+    }
+}
+
+/* Adds this image's share of the weight gradient, eight lanes per tap, to dw8 (6 x 25 x 8),
+ * and of the bias gradient to db (6). */
+static TARGET void NAME(backward_image)(const float *restrict x, const float *restrict g,
+                           const unsigned char *restrict arg, v8 *restrict dw8,
+                           float *restrict db)
+{
+    for (int c = 0; c < MAPS; c++) {
+        /* The gradient of the 24x24 map: the pooled gradient at each window's winner. */
+        float grad[CONV][CONV];
+        memset(grad, 0, sizeof grad);
+        float bias = 0.0f;
+        for (int p = 0; p < POOLED; p++) {
+            for (int q = 0; q < POOLED; q++) {
+                const int at = (p * POOLED + q) * MAPS + c;
+                const int k = arg[at];
+                grad[2 * p + (k >> 1)][2 * q + (k & 1)] = g[at];
+                bias += g[at];
+            }
+        }
+        db[c] += bias;
+        for (int u = 0; u < K; u++) {
+            v8 acc[K] = {0};
+            for (int i = 0; i < CONV; i++) {
+                const float *xr = x + (i + u) * SIDE;
+                const v8 g0 = NAME(load8)(grad[i]), g1 = NAME(load8)(grad[i] + 8), g2 = NAME(load8)(grad[i] + 16);
+                for (int v = 0; v < K; v++)
+                    acc[v] += g0 * NAME(load8)(xr + v) + g1 * NAME(load8)(xr + v + 8) + g2 * NAME(load8)(xr + v + 16);
+            }
+            for (int v = 0; v < K; v++)
+                dw8[c * TAPS + u * K + v] += acc[v];
+        }
+    }
+}
+
