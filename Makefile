@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt setup.py src/lenet/_first_stage.c src/lenet/_first_stage_kernels.h
+$(STAMP): pyproject.toml constraints.txt setup.py src/lenet/_stages.c src/lenet/_stages_kernels.h
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned to the CPU build: the package itself only declares a range.

@@ -1,8 +1,8 @@
-"""The one compiled part of lenet: the tutorial LeNet's first stage for CPU training steps.
+"""The one compiled part of lenet: the tutorial LeNet's two stages for CPU training steps.
 
 Everything else is in pyproject.toml. The extension is optional: where it cannot be built (no C
 compiler, an unusual platform) the install goes on without it and training runs PyTorch's own
-kernels for that stage (lenet/first_stage.py says which ran).
+kernels for those stages (lenet/stages.py; a run's model card says which ran).
 """
 
 from setuptools import Extension, setup
@@ -25,9 +25,9 @@ class BuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "lenet._first_stage",
-            sources=["src/lenet/_first_stage.c"],
-            depends=["src/lenet/_first_stage_kernels.h"],
+            "lenet._stages",
+            sources=["src/lenet/_stages.c"],
+            depends=["src/lenet/_stages_kernels.h"],
             optional=True,
         )
     ],

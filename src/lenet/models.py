@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lenet import first_stage
+from lenet import stages
 from lenet.errors import ConfigError
 from lenet.lenet5 import BACKGROUND, FOREGROUND, LeNet5, SparseConv2d, rbf_loss
 
@@ -75,13 +75,16 @@ class LeNet(nn.Module):
         exports, hooks (``lenet.explain``) and readers of this class see.
         """
         conv1, sigmoid1, pool1, conv2, sigmoid2, pool2 = self.features
-        # The first convolution and its pooling are half of a CPU step in PyTorch's kernels;
-        # lenet's compiled kernel does both in one pass where it is built (lenet.first_stage).
-        if first_stage.covers(x, conv1) and pool1.kernel_size == 2 and pool1.stride == 2:
-            x = sigmoid1(first_stage.conv_pool(x, conv1))
+        # Each convolution with its pooling, in PyTorch's kernels, made most of a CPU step;
+        # lenet's compiled kernels do each in one pass where they are built (lenet.stages).
+        if stages.first_covers(x, conv1, pool1):
+            x = sigmoid1(stages.first(x, conv1))
         else:
             x = sigmoid1(pool1(conv1(x)))
-        x = sigmoid2(pool2(conv2(x)))
+        if stages.second_covers(x, conv2, pool2):
+            x = sigmoid2(stages.second(x, conv2))
+        else:
+            x = sigmoid2(pool2(conv2(x)))
         return self.classifier(x)
 
 

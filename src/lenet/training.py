@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lenet import __version__, first_stage
+from lenet import __version__, stages
 from lenet.allocator import keep_freed_memory
 from lenet.atomic import write_text_atomic
 from lenet.augment import AUGMENTATIONS
@@ -590,13 +590,13 @@ def train(
         "samples_per_second": round(n_train * epochs_done / max(step_seconds, 1e-9), 1),
         "device": str(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        # The compiled first stage of the tutorial's network ("avx2" or "plain"), when it ran.
-        "first_stage_kernel": (
-            first_stage.variant()
+        # The compiled stages of the tutorial's network ("avx2" or "plain"), when they ran.
+        "stage_kernels": (
+            stages.variant()
             if device.type == "cpu"
             and isinstance(model, LeNet)
             and config.amp == "off"
-            and first_stage.available()
+            and stages.available()
             else None
         ),
         "torch_version": str(torch.__version__),

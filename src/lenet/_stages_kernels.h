@@ -1,4 +1,4 @@
-/* The kernels of _first_stage.c, compiled once for each instruction set it dispatches to:
+/* The kernels of _stages.c, compiled once for each instruction set it dispatches to:
  * included with NAME(f) giving each function its variant's name and TARGET its instruction
  * set (empty: the compiler's default). */
 
@@ -119,3 +119,101 @@ static TARGET void NAME(backward_image)(const float *restrict x, const float *re
     }
 }
 
+
+/* The second stage: Conv2d(6, 16, 5) on the 6x12x12 maps, then MaxPool2d(2, 2). The sixteen
+ * output maps are two vectors, so each input value is broadcast once and multiplied into all
+ * sixteen; four neighbouring pixels are made together so that eight running sums hide the
+ * multiply-add latency. x is (12, 12, 6), w (5, 5, 6, 16), out and arg (4, 4, 16). */
+static TARGET void NAME(forward2_image)(const float *restrict x, const float *restrict w,
+                                        const float *restrict b, float *restrict out,
+                                        unsigned char *restrict arg)
+{
+    v8 conv[8][8][2];
+    const v8 b0 = NAME(load8)(b), b1 = NAME(load8)(b + 8);
+    for (int i = 0; i < 8; i++) {
+        for (int j0 = 0; j0 < 8; j0 += 4) {
+            v8 acc[4][2];
+            for (int t = 0; t < 4; t++) {
+                acc[t][0] = b0;
+                acc[t][1] = b1;
+            }
+            for (int u = 0; u < K; u++) {
+                for (int v = 0; v < K; v++) {
+                    const float *wp = w + (u * K + v) * 6 * 16;
+                    const float *xp = x + ((i + u) * 12 + j0 + v) * 6;
+                    for (int c = 0; c < 6; c++) {
+                        const v8 w0 = NAME(load8)(wp + c * 16), w1 = NAME(load8)(wp + c * 16 + 8);
+                        for (int t = 0; t < 4; t++) {
+                            const v8 xs = NAME(splat8)(xp[t * 6 + c]);
+                            acc[t][0] += xs * w0;
+                            acc[t][1] += xs * w1;
+                        }
+                    }
+                }
+            }
+            for (int t = 0; t < 4; t++) {
+                conv[i][j0 + t][0] = acc[t][0];
+                conv[i][j0 + t][1] = acc[t][1];
+            }
+        }
+    }
+    for (int p = 0; p < 4; p++) {
+        for (int q = 0; q < 4; q++) {
+            for (int h = 0; h < 2; h++) {
+                const v8 cand[4] = {conv[2 * p][2 * q][h], conv[2 * p][2 * q + 1][h],
+                                    conv[2 * p + 1][2 * q][h], conv[2 * p + 1][2 * q + 1][h]};
+                v8 m = cand[0];
+                v8i which = {0};
+                for (int n = 1; n < 4; n++) {
+                    const v8i wins = (cand[n] > m) | (cand[n] != cand[n]);
+                    m = NAME(select8)(wins, cand[n], m);
+                    which = (wins & n) | (~wins & which);
+                }
+                memcpy(out + (p * 4 + q) * 16 + h * 8, &m, sizeof m);
+                for (int l = 0; l < 8; l++)
+                    arg[(p * 4 + q) * 16 + h * 8 + l] = (unsigned char)which[l];
+            }
+        }
+    }
+}
+
+/* The second stage's gradients for one image. Only each window's winner has a gradient, so
+ * the work goes window by window (256 of them), the six input maps of a pixel in one vector
+ * (padded to eight). x is (12, 12, 6), g and arg (4, 4, 16), w8 (16, 5, 5, 8); dx (12, 12, 6)
+ * is written, dw8 (16, 5, 5) vectors and db (16) are added to. */
+static TARGET void NAME(backward2_image)(const float *restrict x, const float *restrict g,
+                                         const unsigned char *restrict arg,
+                                         const v8 *restrict w8, float *restrict dx,
+                                         v8 *restrict dw8, float *restrict db)
+{
+    v8 x8[12 * 12], dx8[12 * 12];
+    for (int at = 0; at < 12 * 12; at++) {
+        v8 value = {0};
+        for (int c = 0; c < 6; c++)
+            value[c] = x[at * 6 + c];
+        x8[at] = value;
+        dx8[at] = (v8){0};
+    }
+    for (int p = 0; p < 4; p++) {
+        for (int q = 0; q < 4; q++) {
+            for (int o = 0; o < 16; o++) {
+                const int at = (p * 4 + q) * 16 + o;
+                const int k = arg[at];
+                const int i = 2 * p + (k >> 1), j = 2 * q + (k & 1);
+                const float gv = g[at];
+                db[o] += gv;
+                const v8 gs = NAME(splat8)(gv);
+                for (int u = 0; u < K; u++) {
+                    for (int v = 0; v < K; v++) {
+                        const int pixel = (i + u) * 12 + j + v, tap = (o * K + u) * K + v;
+                        dx8[pixel] += gs * w8[tap];
+                        dw8[tap] += gs * x8[pixel];
+                    }
+                }
+            }
+        }
+    }
+    for (int at = 0; at < 12 * 12; at++)
+        for (int c = 0; c < 6; c++)
+            dx[at * 6 + c] = dx8[at][c];
+}

@@ -1,0 +1,174 @@
+"""The tutorial LeNet's two stages (5x5 convolution, then 2x2 max-pooling) for CPU training
+steps, through lenet's compiled kernels when they are built.
+
+PyTorch runs each convolution and each pooling as general kernels, and at LeNet's shapes (1 or
+6 input maps, 6 or 16 output maps, 28x28 and 12x12 images) they and their backward passes were
+most of a training step on 2 cores: 15 of 18 ms for a batch of 256 (torch.profiler). The
+kernels (`_stages.c`, built at install by setup.py) make each image's maps in a small local
+array, pool them at once, and in the backward pass follow only each window's winner (a quarter
+of the convolution's outputs have a gradient). On one thread, for the same batch: the first
+stage 1.1 ms forward and 1.1 ms backward, the second 4.1 ms for both (PyTorch's: 7.4 ms on two
+threads). They give PyTorch's pooled maps, with the same pixel winning each window (the first
+largest in row order; NaN wins), and its gradients, all to float32 rounding
+(tests/test_stages.py).
+
+They are optional: where they were not built, or for inputs they do not cover (not float32 on
+the CPU, other shapes, bf16 autocast), `LeNet.training_forward` runs PyTorch's kernels.
+Evaluation and export keep `forward`, PyTorch's kernels in the tutorial's order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from lenet import _stages as _kernels  # type: ignore[attr-defined]
+except ImportError:  # not built here (no C compiler at install, or an unusual platform)
+    _kernels = None
+
+# Off: PyTorch's kernels everywhere (benchmarks and tests compare the two).
+enabled = True
+
+
+def available() -> bool:
+    """Whether the compiled kernels are built and switched on."""
+    return enabled and _kernels is not None
+
+
+def variant() -> str | None:
+    """Which build of the kernels runs: "avx2" where the CPU has AVX2 and FMA, else "plain";
+    None when they are not built."""
+    return None if _kernels is None else _kernels.variant()
+
+
+def use(build: str) -> str | None:
+    """Run the "avx2" build (where the CPU has it) or the "plain" one from now on; returns the
+    one in use. The fastest is chosen at import; tests check the other too."""
+    return None if _kernels is None else _kernels.use(build)
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch before 2.4: one function per device
+        return torch.is_autocast_cpu_enabled()
+
+
+def _covers(
+    x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d, maps: int, side: int, out: int
+) -> bool:
+    weight = conv.weight
+    return (
+        available()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and tuple(x.shape[1:]) == (maps, side, side)
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and tuple(weight.shape) == (out, maps, 5, 5)
+        and conv.bias is not None
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and pool.kernel_size in (2, (2, 2))
+        and pool.stride in (2, (2, 2))
+        and pool.padding in (0, (0, 0))
+        and pool.dilation in (1, (1, 1))
+        and not pool.ceil_mode
+        and not _autocast_on()
+    )
+
+
+def first_covers(x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d) -> bool:
+    """Whether ``first`` can run: LeNet's first stage on float32 (N, 1, 28, 28) on the CPU,
+    an input that needs no gradient (the kernel computes none for it)."""
+    return not x.requires_grad and _covers(x, conv, pool, maps=1, side=28, out=6)
+
+
+def second_covers(x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d) -> bool:
+    """Whether ``second`` can run: LeNet's second stage on float32 (N, 6, 12, 12) on the CPU."""
+    return _covers(x, conv, pool, maps=6, side=12, out=16)
+
+
+class _First(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        count = x.shape[0]
+        x = x.detach().contiguous()  # one map: channels-last is already this layout
+        taps = weight.detach().reshape(6, 25).contiguous()
+        bias = bias.detach().contiguous()
+        pooled = torch.empty((count, 12, 12, 6))
+        winner = torch.empty((count, 12, 12, 6), dtype=torch.uint8)
+        _kernels.forward1(
+            x.data_ptr(), taps.data_ptr(), bias.data_ptr(), pooled.data_ptr(),
+            winner.data_ptr(), count,
+        )  # fmt: skip
+        ctx.save_for_backward(x, winner)
+        # (N, 6, 12, 12) in channels-last memory, which the second stage takes as it is.
+        return pooled.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor]:
+        x, winner = ctx.saved_tensors
+        grad = grad.permute(0, 2, 3, 1).contiguous()  # no copy when channels-last already
+        grad_weight = torch.empty((6, 1, 5, 5))
+        grad_bias = torch.empty(6)
+        _kernels.backward1(
+            x.data_ptr(), grad.data_ptr(), winner.data_ptr(), grad_weight.data_ptr(),
+            grad_bias.data_ptr(), x.shape[0],
+        )  # fmt: skip
+        return None, grad_weight, grad_bias
+
+
+class _Second(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        count = x.shape[0]
+        pixels = x.detach().permute(0, 2, 3, 1).contiguous()  # (N, 12, 12, 6)
+        taps = weight.detach().permute(2, 3, 1, 0).contiguous()  # (5, 5, 6, 16)
+        bias = bias.detach().contiguous()
+        pooled = torch.empty((count, 4, 4, 16))
+        winner = torch.empty((count, 4, 4, 16), dtype=torch.uint8)
+        _kernels.forward2(
+            pixels.data_ptr(), taps.data_ptr(), bias.data_ptr(), pooled.data_ptr(),
+            winner.data_ptr(), count,
+        )  # fmt: skip
+        ctx.save_for_backward(pixels, winner, weight.detach())
+        return pooled.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels, winner, weight = ctx.saved_tensors
+        count = pixels.shape[0]
+        grad = grad.permute(0, 2, 3, 1).contiguous()  # (N, 4, 4, 16)
+        # (16, 5, 5, 8): each tap's six input maps padded to a vector of eight floats.
+        taps8 = F.pad(weight.permute(0, 2, 3, 1), (0, 2)).contiguous()
+        grad_x = torch.empty((count, 12, 12, 6))
+        grad_weight = torch.empty((16, 5, 5, 6))
+        grad_bias = torch.empty(16)
+        _kernels.backward2(
+            pixels.data_ptr(), grad.data_ptr(), winner.data_ptr(), taps8.data_ptr(),
+            grad_x.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(), count,
+        )  # fmt: skip
+        # Both in channels-last memory, the layout lenet trains the weights in.
+        return grad_x.permute(0, 3, 1, 2), grad_weight.permute(0, 3, 1, 2), grad_bias
+
+
+def first(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``max_pool2d(conv(x), 2, 2)`` for LeNet's first stage; only where ``first_covers``."""
+    return _First.apply(x, conv.weight, conv.bias)
+
+
+def second(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``max_pool2d(conv(x), 2, 2)`` for LeNet's second stage; only where ``second_covers``."""
+    return _Second.apply(x, conv.weight, conv.bias)

@@ -1,0 +1,222 @@
+"""The compiled stages (lenet/stages.py, _stages.c) against PyTorch's kernels."""
+
+import copy
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lenet import stages
+from lenet.models import TrainingView, create_model
+
+built = pytest.mark.skipif(stages.variant() is None, reason="the kernels are not built here")
+
+
+@pytest.fixture(params=["avx2", "plain"])
+def build(request):
+    """Each build of the kernels this machine can run (the plain one is what CPUs without AVX2,
+    and other architectures, get)."""
+    if stages.use(request.param) != request.param:
+        stages.use("avx2")
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    yield request.param
+    stages.use("avx2")
+
+
+# (input maps, side, output maps, the kernel's function) of LeNet's two stages.
+STAGES = {"first": (1, 28, 6, stages.first), "second": (6, 12, 16, stages.second)}
+
+
+def test_the_kernels_are_built_on_linux():
+    # setup.py builds them wherever there is a C compiler; every Linux machine of this
+    # project has one, so a silent fallback here would hide a broken build.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("built where a C compiler is found; only required on Linux")
+    assert stages.variant() in ("avx2", "plain")
+    assert stages.available()
+
+
+def both(stage, x, conv, grad):
+    """Pooled maps and the input, weight and bias gradients, PyTorch's way and the kernel's."""
+    results = []
+    for use_kernel in (False, True):
+        layer = copy.deepcopy(conv)
+        given = x.clone().requires_grad_(stage == "second")
+        if use_kernel:
+            out = STAGES[stage][3](given, layer)
+        else:
+            out = F.max_pool2d(layer(given), 2, 2)
+        out.backward(grad)
+        grad_x = given.grad.clone() if given.grad is not None else None
+        results.append((out.detach(), grad_x, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    return results
+
+
+def assert_same(results, rel=1e-5):
+    expected, got = results
+    scale = max(1.0, float(expected[0].abs().max()))
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5 * scale)
+    for what, e, g in zip(("input", "weight", "bias"), expected[1:], got[1:]):
+        if e is None:
+            assert g is None, what
+            continue
+        assert float((g - e).abs().max()) <= rel * float(e.abs().max()) + 1e-6, what
+
+
+def inputs(stage, count, seed):
+    maps, side, out, _ = STAGES[stage]
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(maps, out, 5).to(memory_format=torch.channels_last)
+    if stage == "first":
+        x = torch.randn(count, 1, side, side) * 2
+        x[:, :, :6] = -0.4242  # a flat background band: exact ties in every window there
+    else:
+        x = torch.sigmoid(torch.randn(count, maps, side, side) * 4)
+        x[:, :, :4] = 0.5  # the sigmoid of a flat background: ties again
+    x = x.contiguous(memory_format=torch.channels_last)
+    pooled = (side - 4) // 2
+    grad = torch.randn(count, out, pooled, pooled).contiguous(memory_format=torch.channels_last)
+    return x, conv, grad
+
+
+@built
+@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("count", [1, 3, 16, 129])
+def test_pooled_maps_and_gradients_match_pytorchs(build, stage, count):
+    x, conv, grad = inputs(stage, count, seed=count)
+    results = both(stage, x, conv, grad)
+    assert_same(results)
+    # Channels-last, as lenet trains: no copies between the stages.
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+
+
+@built
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_contiguous_inputs_and_weights_give_the_same(stage):
+    x, conv, grad = inputs(stage, 8, seed=1)
+    conv = conv.to(memory_format=torch.contiguous_format)
+    assert_same(both(stage, x.contiguous(), conv, grad.contiguous()))
+
+
+@built
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_ties_go_to_the_first_pixel_in_row_order_as_in_pytorch(build, stage):
+    # One tap: each convolution output is one input pixel, so every 2x2 block of equal pixels
+    # is a window of exact ties whose pixels see different patches (the gradient of every
+    # other tap, and of the input, tells which pixel won).
+    maps, side, out, _ = STAGES[stage]
+    conv = nn.Conv2d(maps, out, 5)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, 0, 2, 2] = torch.arange(1.0, out + 1)
+    x = torch.randn(2, maps, side, side)
+    inner = side - 4
+    block = torch.randn(2, 1, inner // 2, inner // 2)
+    x[:, :1, 2 : side - 2, 2 : side - 2] = block.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    grad = torch.randn(2, out, inner // 2, inner // 2)
+    expected, got = both(stage, x, conv, grad)
+    # (The plain build rounds a multiply and an add where PyTorch fuses them: 1 ulp.)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
+    for e, g in zip(expected[1:], got[1:]):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@built
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_nan_wins_its_window_as_in_pytorch(build, stage):
+    maps, side, out, run = STAGES[stage]
+    conv = nn.Conv2d(maps, out, 5)
+    x = torch.randn(1, maps, side, side)
+    x[0, 0, side // 2, side // 2] = float("nan")
+    with torch.no_grad():
+        expected = F.max_pool2d(conv(x), 2, 2)
+        got = run(x, conv)
+    assert torch.isnan(got).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+
+
+@built
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_gradients_are_the_same_bits_every_time(stage):
+    x, conv, grad = inputs(stage, 64, seed=0)
+    first, second = both(stage, x, conv, grad)[1], both(stage, x, conv, grad)[1]
+    for a, b in zip(first[1:], second[1:]):
+        assert a is None or torch.equal(a, b)
+
+
+@built
+def test_lenet_training_steps_run_through_the_kernels_and_match_pytorch(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("lenet").to(memory_format=torch.channels_last).train()
+    twin = copy.deepcopy(model)
+    x = (torch.randn(32, 1, 28, 28) * 3).contiguous(memory_format=torch.channels_last)
+    calls = []
+    for name in ("first", "second"):
+        original = getattr(stages, name)
+        monkeypatch.setattr(
+            stages, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
+        )
+    got = TrainingView(model)(x)
+    assert calls == ["first", "second"], "lenet's training step did not use both kernels"
+    monkeypatch.setattr(stages, "enabled", False)
+    expected = TrainingView(twin)(x)
+    assert len(calls) == 2, "switched off, a kernel still ran"
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for (where, p), q in zip(twin.named_parameters(), model.parameters()):
+        scale = float(p.grad.abs().max())
+        assert float((q.grad - p.grad).abs().max()) <= 1e-4 * scale + 1e-7, where
+
+
+def test_what_the_kernels_do_not_cover_goes_to_pytorch(monkeypatch):
+    monkeypatch.setattr(stages, "_kernels", object())  # as if built, whatever this machine has
+    pool = nn.MaxPool2d(2, 2)
+    conv1, conv2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
+    x1, x2 = torch.randn(2, 1, 28, 28), torch.randn(2, 6, 12, 12)
+    assert stages.first_covers(x1, conv1, pool) and stages.second_covers(x2, conv2, pool)
+    assert stages.second_covers(x2.clone().requires_grad_(), conv2, pool)
+    assert not stages.first_covers(x1.clone().requires_grad_(), conv1, pool)  # no input grad
+    assert not stages.first_covers(x1.double(), conv1, pool)
+    assert not stages.first_covers(torch.randn(2, 1, 32, 32), conv1, pool)
+    assert not stages.first_covers(torch.randn(2, 3, 28, 28), nn.Conv2d(3, 6, 5), pool)
+    assert not stages.first_covers(x1, nn.Conv2d(1, 6, 5, bias=False), pool)
+    assert not stages.first_covers(x1, nn.Conv2d(1, 6, 5, padding=2), pool)
+    assert not stages.second_covers(x2, conv2, nn.MaxPool2d(3, 2))
+    assert not stages.second_covers(x2, conv2, nn.MaxPool2d(2, 1))
+    assert not stages.second_covers(x2, nn.Conv2d(6, 8, 5), pool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not stages.first_covers(x1, conv1, pool)
+        assert not stages.second_covers(x2, conv2, pool)
+    monkeypatch.setattr(stages, "enabled", False)
+    assert not stages.first_covers(x1, conv1, pool)
+    assert not stages.second_covers(x2, conv2, pool)
+
+
+def test_without_the_kernels_lenet_trains_with_pytorchs(monkeypatch):
+    # An install where setup.py could not build them: the same step, PyTorch's way.
+    monkeypatch.setattr(stages, "_kernels", None)
+    assert not stages.available() and stages.variant() is None
+    torch.manual_seed(0)
+    model = create_model("lenet").train()
+    x = torch.randn(8, 1, 28, 28)
+    torch.testing.assert_close(TrainingView(model)(x), model(x), rtol=0, atol=1e-5)
+
+
+@built
+@pytest.mark.parametrize("switched_on", [True, False])
+def test_the_model_card_says_whether_the_kernels_trained_it(
+    small_mnist, tmp_path, monkeypatch, switched_on
+):
+    from lenet.config import resolve_config
+    from lenet.training import train
+
+    monkeypatch.setattr(stages, "enabled", switched_on)
+    config = resolve_config(
+        "lenet", epochs=1, train_limit=256, device="cpu", out=str(tmp_path / "run")
+    )
+    result = train(config, dataset=small_mnist, progress=False)
+    assert result.card["stage_kernels"] == (stages.variant() if switched_on else None)
