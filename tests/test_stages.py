@@ -220,3 +220,45 @@ def test_the_model_card_says_whether_the_kernels_trained_it(
     )
     result = train(config, dataset=small_mnist, progress=False)
     assert result.card["stage_kernels"] == (stages.variant() if switched_on else None)
+
+
+@built
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_first_convolution_alone_matches_pytorchs(build, bias):
+    # lenet-relu's first stage: the maps go to BatchNorm, not straight to the pooling.
+    torch.manual_seed(4)
+    conv = nn.Conv2d(1, 6, 5, bias=bias).to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(conv)
+    x = (torch.randn(37, 1, 28, 28) * 2).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(37, 6, 24, 24)
+    got, expected = stages.conv1(x, conv), twin(x)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    got.backward(grad)
+    expected.backward(grad)
+    for mine, theirs in zip(conv.parameters(), twin.parameters()):
+        scale = float(theirs.grad.abs().max())
+        assert float((mine.grad - theirs.grad).abs().max()) <= 1e-5 * scale
+
+
+@built
+def test_lenet_relu_training_steps_use_the_first_convolution_and_match_pytorch(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("lenet-relu").to(memory_format=torch.channels_last).train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(32, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    calls = []
+    original = stages.conv1
+    monkeypatch.setattr(stages, "conv1", lambda *a: calls.append(1) or original(*a))
+    got = TrainingView(model)(x)
+    assert calls == [1]
+    monkeypatch.setattr(stages, "enabled", False)
+    expected = TrainingView(twin)(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for (where, p), q in zip(twin.named_parameters(), model.parameters()):
+        scale = float(p.grad.abs().max())
+        assert float((q.grad - p.grad).abs().max()) <= 1e-4 * scale + 1e-7, where
+    for (where, b), c in zip(twin.named_buffers(), model.buffers()):
+        torch.testing.assert_close(c, b, msg=where)

@@ -57,12 +57,16 @@ typedef void (*ForwardImage)(const float *, const float *, const float *, float 
                              unsigned char *);
 typedef void (*BackwardImage)(const float *, const float *, const unsigned char *, v8 *,
                               float *);
+typedef void (*Conv1ForwardImage)(const float *, const float *, const float *, float *);
+typedef void (*Conv1BackwardImage)(const float *, const float *, v8 *, float *);
 typedef void (*Forward2Image)(const float *, const float *, const float *, float *,
                               unsigned char *);
 typedef void (*Backward2Image)(const float *, const float *, const unsigned char *, const v8 *,
                                float *, v8 *, float *);
 static ForwardImage forward_image = forward_image_plain;
 static BackwardImage backward_image = backward_image_plain;
+static Conv1ForwardImage conv1_forward_image = conv1_forward_image_plain;
+static Conv1BackwardImage conv1_backward_image = conv1_backward_image_plain;
 static Forward2Image forward2_image = forward2_image_plain;
 static Backward2Image backward2_image = backward2_image_plain;
 
@@ -103,6 +107,47 @@ static PyObject *backward1(PyObject *self, PyObject *args)
                        (const float *)g + n * POOLED * POOLED * MAPS,
                        (const unsigned char *)arg + n * POOLED * POOLED * MAPS, dw8, db_out);
     /* Each tap's eight lanes added in a fixed order: every run gives the same bits. */
+    for (int i = 0; i < MAPS * TAPS; i++) {
+        const v8 s = dw8[i];
+        dw_out[i] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* conv1_forward(x, w, b, out, count): the first convolution alone, for lenet-relu, whose
+ * BatchNorm comes between it and the pooling: float32 x (count, 28, 28), w (6, 25), b (6),
+ * out (count, 6, 24, 24). */
+static PyObject *conv1_forward(PyObject *self, PyObject *args)
+{
+    Py_ssize_t x, w, b, out, count;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnnn", &x, &w, &b, &out, &count))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t n = 0; n < count; n++)
+        conv1_forward_image((const float *)x + n * SIDE * SIDE, (const float *)w,
+                            (const float *)b, (float *)out + n * MAPS * CONV * CONV);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* conv1_backward(x, g, dw, db, count): g float32 (count, 6, 24, 24), the gradient of the maps;
+ * dw (6, 25) and db (6) are overwritten with the weight and bias gradients. */
+static PyObject *conv1_backward(PyObject *self, PyObject *args)
+{
+    Py_ssize_t x, g, dw, db, count;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnnn", &x, &g, &dw, &db, &count))
+        return NULL;
+    float *dw_out = (float *)dw, *db_out = (float *)db;
+    Py_BEGIN_ALLOW_THREADS
+    v8 dw8[MAPS * TAPS];
+    memset(dw8, 0, sizeof dw8);
+    memset(db_out, 0, MAPS * sizeof(float));
+    for (Py_ssize_t n = 0; n < count; n++)
+        conv1_backward_image((const float *)x + n * SIDE * SIDE,
+                             (const float *)g + n * MAPS * CONV * CONV, dw8, db_out);
     for (int i = 0; i < MAPS * TAPS; i++) {
         const v8 s = dw8[i];
         dw_out[i] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
@@ -158,6 +203,8 @@ static void choose(int avx2)
     if (avx2) {
         forward_image = forward_image_avx2;
         backward_image = backward_image_avx2;
+        conv1_forward_image = conv1_forward_image_avx2;
+        conv1_backward_image = conv1_backward_image_avx2;
         forward2_image = forward2_image_avx2;
         backward2_image = backward2_image_avx2;
         return;
@@ -166,6 +213,8 @@ static void choose(int avx2)
     (void)avx2;
     forward_image = forward_image_plain;
     backward_image = backward_image_plain;
+    conv1_forward_image = conv1_forward_image_plain;
+    conv1_backward_image = conv1_backward_image_plain;
     forward2_image = forward2_image_plain;
     backward2_image = backward2_image_plain;
 }
@@ -202,6 +251,8 @@ static PyObject *use(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"use", use, METH_VARARGS, "Run the plain or the AVX2 build from now on."},
     {"variant", variant, METH_NOARGS, "The build in use: plain or avx2."},
+    {"conv1_forward", conv1_forward, METH_VARARGS, "The first convolution's maps."},
+    {"conv1_backward", conv1_backward, METH_VARARGS, "The first convolution's gradients."},
     {"forward2", forward2, METH_VARARGS, "The second stage's pooled maps and each window's winner."},
     {"backward2", backward2, METH_VARARGS, "The second stage's input, weight and bias gradients."},
     {"forward1", forward1, METH_VARARGS, "The first stage's pooled maps and each window's winner."},

@@ -37,14 +37,13 @@ static inline TARGET void NAME(pool_row)(v8 a0, v8 a1, v8 b0, v8 b1, v8 *best, v
     *k = which;
 }
 
-static TARGET void NAME(forward_image)(const float *restrict x, const float *restrict w,
-                          const float *restrict b, float *restrict out,
-                          unsigned char *restrict arg)
+/* The first convolution of one image: x (28, 28) to the six 24x24 maps of conv (6, 24, 24),
+ * the layout PyTorch calls contiguous. Each row of a map is three vectors; the maps are made
+ * three at a time, so that 9 running sums, the 3 vectors of input and a weight fit the 16 AVX
+ * registers, and every input vector loaded serves three maps. */
+static inline TARGET void NAME(conv1_image)(const float *restrict x, const float *restrict w,
+                                            const float *restrict b, float *restrict conv)
 {
-    /* Each row of the six 24-pixel maps is three vectors per map. The maps are made three at
-     * a time, so that 9 running sums, the 3 vectors of input and a weight fit the 16 AVX
-     * registers, and every input vector loaded serves three maps. */
-    float conv[MAPS][CONV][CONV];
     for (int c0 = 0; c0 < MAPS; c0 += 3) {
         for (int i = 0; i < CONV; i++) {
             v8 acc[3][3];
@@ -53,7 +52,8 @@ static TARGET void NAME(forward_image)(const float *restrict x, const float *res
             for (int u = 0; u < K; u++) {
                 const float *xr = x + (i + u) * SIDE;
                 for (int v = 0; v < K; v++) {
-                    const v8 x0 = NAME(load8)(xr + v), x1 = NAME(load8)(xr + v + 8), x2 = NAME(load8)(xr + v + 16);
+                    const v8 x0 = NAME(load8)(xr + v), x1 = NAME(load8)(xr + v + 8),
+                             x2 = NAME(load8)(xr + v + 16);
                     for (int c = 0; c < 3; c++) {
                         const v8 wv = NAME(splat8)(w[(c0 + c) * TAPS + u * K + v]);
                         acc[c][0] += wv * x0;
@@ -63,9 +63,45 @@ static TARGET void NAME(forward_image)(const float *restrict x, const float *res
                 }
             }
             for (int c = 0; c < 3; c++)
-                memcpy(conv[c0 + c][i], acc[c], sizeof acc[c]);
+                memcpy(conv + ((c0 + c) * CONV + i) * CONV, acc[c], sizeof acc[c]);
         }
     }
+}
+
+/* Adds one image's share of the first convolution's weight gradient, eight lanes per tap, to
+ * dw8 (6 x 25), and of its bias gradient to db (6), from the gradient of its maps
+ * grad (6, 24, 24). */
+static inline TARGET void NAME(conv1_grad_image)(const float *restrict x,
+                                                 const float *restrict grad,
+                                                 v8 *restrict dw8, float *restrict db)
+{
+    for (int c = 0; c < MAPS; c++) {
+        const float *map = grad + c * CONV * CONV;
+        v8 bias = {0};
+        for (int at = 0; at < CONV * CONV; at += 8)
+            bias += NAME(load8)(map + at);
+        db[c] += ((bias[0] + bias[1]) + (bias[2] + bias[3])) + ((bias[4] + bias[5]) + (bias[6] + bias[7]));
+        for (int u = 0; u < K; u++) {
+            v8 acc[K] = {0};
+            for (int i = 0; i < CONV; i++) {
+                const float *xr = x + (i + u) * SIDE, *gr = map + i * CONV;
+                const v8 g0 = NAME(load8)(gr), g1 = NAME(load8)(gr + 8), g2 = NAME(load8)(gr + 16);
+                for (int v = 0; v < K; v++)
+                    acc[v] += g0 * NAME(load8)(xr + v) + g1 * NAME(load8)(xr + v + 8) +
+                              g2 * NAME(load8)(xr + v + 16);
+            }
+            for (int v = 0; v < K; v++)
+                dw8[c * TAPS + u * K + v] += acc[v];
+        }
+    }
+}
+
+static TARGET void NAME(forward_image)(const float *restrict x, const float *restrict w,
+                                       const float *restrict b, float *restrict out,
+                                       unsigned char *restrict arg)
+{
+    float conv[MAPS][CONV][CONV];
+    NAME(conv1_image)(x, w, b, &conv[0][0][0]);
     /* out and arg are (12, 12, 6): channels last, the layout the second convolution takes.
      * Eight windows at a time, with selects (which pixel wins is a coin toss to a branch
      * predictor: branches took several times the convolution's time). */
@@ -74,7 +110,8 @@ static TARGET void NAME(forward_image)(const float *restrict x, const float *res
             const float *top = conv[c][2 * p], *bottom = conv[c][2 * p + 1];
             v8 best[2];
             v8i k[2];
-            NAME(pool_row)(NAME(load8)(top), NAME(load8)(top + 8), NAME(load8)(bottom), NAME(load8)(bottom + 8), &best[0], &k[0]);
+            NAME(pool_row)(NAME(load8)(top), NAME(load8)(top + 8), NAME(load8)(bottom),
+                           NAME(load8)(bottom + 8), &best[0], &k[0]);
             const v8 top2 = NAME(load8)(top + 16), bottom2 = NAME(load8)(bottom + 16);
             NAME(pool_row)(top2, top2, bottom2, bottom2, &best[1], &k[1]);
             for (int q = 0; q < POOLED; q++) {
@@ -86,39 +123,37 @@ static TARGET void NAME(forward_image)(const float *restrict x, const float *res
 }
 
 /* Adds this image's share of the weight gradient, eight lanes per tap, to dw8 (6 x 25 x 8),
- * and of the bias gradient to db (6). */
+ * and of the bias gradient to db (6): the pooled gradient g (12, 12, 6) goes to each window's
+ * winner, the only pixel of the maps with a gradient. */
 static TARGET void NAME(backward_image)(const float *restrict x, const float *restrict g,
-                           const unsigned char *restrict arg, v8 *restrict dw8,
-                           float *restrict db)
+                                        const unsigned char *restrict arg, v8 *restrict dw8,
+                                        float *restrict db)
 {
-    for (int c = 0; c < MAPS; c++) {
-        /* The gradient of the 24x24 map: the pooled gradient at each window's winner. */
-        float grad[CONV][CONV];
-        memset(grad, 0, sizeof grad);
-        float bias = 0.0f;
-        for (int p = 0; p < POOLED; p++) {
-            for (int q = 0; q < POOLED; q++) {
+    float grad[MAPS][CONV][CONV];
+    memset(grad, 0, sizeof grad);
+    for (int p = 0; p < POOLED; p++)
+        for (int q = 0; q < POOLED; q++)
+            for (int c = 0; c < MAPS; c++) {
                 const int at = (p * POOLED + q) * MAPS + c;
                 const int k = arg[at];
-                grad[2 * p + (k >> 1)][2 * q + (k & 1)] = g[at];
-                bias += g[at];
+                grad[c][2 * p + (k >> 1)][2 * q + (k & 1)] = g[at];
             }
-        }
-        db[c] += bias;
-        for (int u = 0; u < K; u++) {
-            v8 acc[K] = {0};
-            for (int i = 0; i < CONV; i++) {
-                const float *xr = x + (i + u) * SIDE;
-                const v8 g0 = NAME(load8)(grad[i]), g1 = NAME(load8)(grad[i] + 8), g2 = NAME(load8)(grad[i] + 16);
-                for (int v = 0; v < K; v++)
-                    acc[v] += g0 * NAME(load8)(xr + v) + g1 * NAME(load8)(xr + v + 8) + g2 * NAME(load8)(xr + v + 16);
-            }
-            for (int v = 0; v < K; v++)
-                dw8[c * TAPS + u * K + v] += acc[v];
-        }
-    }
+    NAME(conv1_grad_image)(x, &grad[0][0][0], dw8, db);
 }
 
+/* The first convolution alone, for networks with BatchNorm between it and the pooling
+ * (lenet-relu): maps out, gradients in, as (6, 24, 24) per image. */
+static TARGET void NAME(conv1_forward_image)(const float *restrict x, const float *restrict w,
+                                             const float *restrict b, float *restrict out)
+{
+    NAME(conv1_image)(x, w, b, out);
+}
+
+static TARGET void NAME(conv1_backward_image)(const float *restrict x, const float *restrict g,
+                                              v8 *restrict dw8, float *restrict db)
+{
+    NAME(conv1_grad_image)(x, g, dw8, db);
+}
 
 /* The second stage: Conv2d(6, 16, 5) on the 6x12x12 maps, then MaxPool2d(2, 2). The sixteen
  * output maps are two vectors, so each input value is broadcast once and multiplied into all

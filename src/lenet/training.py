@@ -46,6 +46,7 @@ from lenet.errors import RunDirError, TrainingInterrupted
 from lenet.evaluation import evaluate_model
 from lenet.models import (
     LeNet,
+    LeNetReLU,
     Normalization,
     TrainingView,
     count_macs,
@@ -590,11 +591,12 @@ def train(
         "samples_per_second": round(n_train * epochs_done / max(step_seconds, 1e-9), 1),
         "device": str(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        # The compiled stages of the tutorial's network ("avx2" or "plain"), when they ran.
+        # lenet's compiled kernels ("avx2" or "plain") where they ran: the tutorial's network's
+        # two stages, lenet-relu's first convolution (lenet.stages).
         "stage_kernels": (
             stages.variant()
             if device.type == "cpu"
-            and isinstance(model, LeNet)
+            and isinstance(model, (LeNet, LeNetReLU))
             and config.amp == "off"
             and stages.available()
             else None
