@@ -80,7 +80,7 @@ static inline TARGET void NAME(conv1_grad_image)(const float *restrict x,
         v8 bias = {0};
         for (int at = 0; at < CONV * CONV; at += 8)
             bias += NAME(load8)(map + at);
-        db[c] += ((bias[0] + bias[1]) + (bias[2] + bias[3])) + ((bias[4] + bias[5]) + (bias[6] + bias[7]));
+        db[c] += lane_sum(bias);
         for (int u = 0; u < K; u++) {
             v8 acc[K] = {0};
             for (int i = 0; i < CONV; i++) {
