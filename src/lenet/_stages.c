@@ -59,22 +59,27 @@ static inline float lane_sum(v8 s)
 #undef TARGET
 #endif
 
-typedef void (*ForwardImage)(const float *, const float *, const float *, float *,
-                             unsigned char *);
-typedef void (*BackwardImage)(const float *, const float *, const unsigned char *, v8 *,
-                              float *);
-typedef void (*Conv1ForwardImage)(const float *, const float *, const float *, float *);
-typedef void (*Conv1BackwardImage)(const float *, const float *, v8 *, float *);
-typedef void (*Forward2Image)(const float *, const float *, const float *, float *,
-                              unsigned char *);
-typedef void (*Backward2Image)(const float *, const float *, const unsigned char *, const v8 *,
-                               float *, v8 *, float *);
-static ForwardImage forward_image = forward_image_plain;
-static BackwardImage backward_image = backward_image_plain;
-static Conv1ForwardImage conv1_forward_image = conv1_forward_image_plain;
-static Conv1BackwardImage conv1_backward_image = conv1_backward_image_plain;
-static Forward2Image forward2_image = forward2_image_plain;
-static Backward2Image backward2_image = backward2_image_plain;
+/* One build's kernels; `kernels` points at the one in use. */
+typedef struct {
+    const char *name;
+    void (*forward1)(const float *, const float *, const float *, float *, unsigned char *);
+    void (*backward1)(const float *, const float *, const unsigned char *, v8 *, float *);
+    void (*conv1)(const float *, const float *, const float *, float *);
+    void (*conv1_grad)(const float *, const float *, v8 *, float *);
+    void (*forward2)(const float *, const float *, const float *, float *, unsigned char *);
+    void (*backward2)(const float *, const float *, const unsigned char *, const v8 *, float *,
+                      v8 *, float *);
+} Kernels;
+
+static const Kernels plain = {"plain", forward_image_plain, backward_image_plain,
+                              conv1_image_plain, conv1_grad_image_plain,
+                              forward2_image_plain, backward2_image_plain};
+#ifdef HAVE_AVX2_VARIANT
+static const Kernels avx2 = {"avx2", forward_image_avx2, backward_image_avx2,
+                             conv1_image_avx2, conv1_grad_image_avx2,
+                             forward2_image_avx2, backward2_image_avx2};
+#endif
+static const Kernels *kernels = &plain;
 
 /* forward1(x, w, b, out, arg, count): addresses of float32 x (count, 28, 28), w (6, 25), b (6),
  * out (count, 12, 12, 6) and uint8 arg (count, 12, 12, 6). One thread: PyTorch's own threads
@@ -88,7 +93,7 @@ static PyObject *forward1(PyObject *self, PyObject *args)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t n = 0; n < count; n++)
-        forward_image((const float *)x + n * SIDE * SIDE, (const float *)w, (const float *)b,
+        kernels->forward1((const float *)x + n * SIDE * SIDE, (const float *)w, (const float *)b,
                       (float *)out + n * POOLED * POOLED * MAPS,
                       (unsigned char *)arg + n * POOLED * POOLED * MAPS);
     Py_END_ALLOW_THREADS
@@ -109,7 +114,7 @@ static PyObject *backward1(PyObject *self, PyObject *args)
     memset(dw8, 0, sizeof dw8);
     memset(db_out, 0, MAPS * sizeof(float));
     for (Py_ssize_t n = 0; n < count; n++)
-        backward_image((const float *)x + n * SIDE * SIDE,
+        kernels->backward1((const float *)x + n * SIDE * SIDE,
                        (const float *)g + n * POOLED * POOLED * MAPS,
                        (const unsigned char *)arg + n * POOLED * POOLED * MAPS, dw8, db_out);
     for (int i = 0; i < MAPS * TAPS; i++)
@@ -129,7 +134,7 @@ static PyObject *conv1_forward(PyObject *self, PyObject *args)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t n = 0; n < count; n++)
-        conv1_forward_image((const float *)x + n * SIDE * SIDE, (const float *)w,
+        kernels->conv1((const float *)x + n * SIDE * SIDE, (const float *)w,
                             (const float *)b, (float *)out + n * MAPS * CONV * CONV);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -149,7 +154,7 @@ static PyObject *conv1_backward(PyObject *self, PyObject *args)
     memset(dw8, 0, sizeof dw8);
     memset(db_out, 0, MAPS * sizeof(float));
     for (Py_ssize_t n = 0; n < count; n++)
-        conv1_backward_image((const float *)x + n * SIDE * SIDE,
+        kernels->conv1_grad((const float *)x + n * SIDE * SIDE,
                              (const float *)g + n * MAPS * CONV * CONV, dw8, db_out);
     for (int i = 0; i < MAPS * TAPS; i++)
         dw_out[i] = lane_sum(dw8[i]);
@@ -167,7 +172,7 @@ static PyObject *forward2(PyObject *self, PyObject *args)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t n = 0; n < count; n++)
-        forward2_image((const float *)x + n * 12 * 12 * 6, (const float *)w, (const float *)b,
+        kernels->forward2((const float *)x + n * 12 * 12 * 6, (const float *)w, (const float *)b,
                        (float *)out + n * 4 * 4 * 16, (unsigned char *)arg + n * 4 * 4 * 16);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -188,7 +193,7 @@ static PyObject *backward2(PyObject *self, PyObject *args)
     memset(dw8, 0, sizeof dw8);
     memset(db_out, 0, 16 * sizeof(float));
     for (Py_ssize_t n = 0; n < count; n++)
-        backward2_image((const float *)x + n * 12 * 12 * 6, (const float *)g + n * 4 * 4 * 16,
+        kernels->backward2((const float *)x + n * 12 * 12 * 6, (const float *)g + n * 4 * 4 * 16,
                         (const unsigned char *)arg + n * 4 * 4 * 16, (const v8 *)w8,
                         (float *)dx + n * 12 * 12 * 6, dw8, db_out);
     for (int tap = 0; tap < 16 * TAPS; tap++)
@@ -198,43 +203,19 @@ static PyObject *backward2(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static void choose(int avx2)
-{
 #ifdef HAVE_AVX2_VARIANT
-    if (avx2) {
-        forward_image = forward_image_avx2;
-        backward_image = backward_image_avx2;
-        conv1_forward_image = conv1_forward_image_avx2;
-        conv1_backward_image = conv1_backward_image_avx2;
-        forward2_image = forward2_image_avx2;
-        backward2_image = backward2_image_avx2;
-        return;
-    }
-#endif
-    (void)avx2;
-    forward_image = forward_image_plain;
-    backward_image = backward_image_plain;
-    conv1_forward_image = conv1_forward_image_plain;
-    conv1_backward_image = conv1_backward_image_plain;
-    forward2_image = forward2_image_plain;
-    backward2_image = backward2_image_plain;
-}
-
 static int cpu_has_avx2(void)
 {
-#ifdef HAVE_AVX2_VARIANT
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 0;
-#endif
 }
+#endif
 
 static PyObject *variant(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return PyUnicode_FromString(forward_image == forward_image_plain ? "plain" : "avx2");
+    return PyUnicode_FromString(kernels->name);
 }
 
 /* use(name): run the "plain" or the "avx2" build from now on (tests check both); returns the
@@ -242,22 +223,25 @@ static PyObject *variant(PyObject *self, PyObject *unused)
 static PyObject *use(PyObject *self, PyObject *args)
 {
     const char *name;
-    (void)self;
     if (!PyArg_ParseTuple(args, "s", &name))
         return NULL;
-    choose(strcmp(name, "avx2") == 0 && cpu_has_avx2());
+    kernels = &plain;
+#ifdef HAVE_AVX2_VARIANT
+    if (strcmp(name, "avx2") == 0 && cpu_has_avx2())
+        kernels = &avx2;
+#endif
     return variant(self, NULL);
 }
 
 static PyMethodDef methods[] = {
     {"use", use, METH_VARARGS, "Run the plain or the AVX2 build from now on."},
     {"variant", variant, METH_NOARGS, "The build in use: plain or avx2."},
+    {"forward1", forward1, METH_VARARGS, "The first stage's pooled maps and each window's winner."},
+    {"backward1", backward1, METH_VARARGS, "The first stage's weight and bias gradients."},
     {"conv1_forward", conv1_forward, METH_VARARGS, "The first convolution's maps."},
     {"conv1_backward", conv1_backward, METH_VARARGS, "The first convolution's gradients."},
     {"forward2", forward2, METH_VARARGS, "The second stage's pooled maps and each window's winner."},
     {"backward2", backward2, METH_VARARGS, "The second stage's input, weight and bias gradients."},
-    {"forward1", forward1, METH_VARARGS, "The first stage's pooled maps and each window's winner."},
-    {"backward1", backward1, METH_VARARGS, "The first stage's weight and bias gradients."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -268,6 +252,9 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__stages(void)
 {
-    choose(cpu_has_avx2());
+#ifdef HAVE_AVX2_VARIANT
+    if (cpu_has_avx2())
+        kernels = &avx2;
+#endif
     return PyModule_Create(&module);
 }

@@ -17,15 +17,12 @@ static inline TARGET v8 NAME(select8)(v8i mask, v8 a, v8 b)
     return (v8)((mask & (v8i)a) | (~mask & (v8i)b));
 }
 
-/* The 2x2 windows of two map rows 16 pixels wide (a0 a1: the top row's two halves, b0 b1:
- * the bottom row's): each window's largest value and which pixel it was (0 1 / 2 3), the
- * first largest in row order, NaN winning, as PyTorch's pooling picks. */
-static inline TARGET void NAME(pool_row)(v8 a0, v8 a1, v8 b0, v8 b1, v8 *best, v8i *k)
+/* Four candidates per lane (a 2x2 window's pixels in row order): the largest and which one
+ * it was (0 1 / 2 3), the first largest in row order, NaN winning, as PyTorch's pooling picks.
+ * Selects, not branches: which pixel wins is a coin toss to a branch predictor (branches took
+ * several times the convolution's time). */
+static inline TARGET void NAME(first_max4)(const v8 cand[4], v8 *best, v8i *k)
 {
-    const v8 cand[4] = {
-        SHUFFLE(a0, a1, 0, 2, 4, 6, 8, 10, 12, 14), SHUFFLE(a0, a1, 1, 3, 5, 7, 9, 11, 13, 15),
-        SHUFFLE(b0, b1, 0, 2, 4, 6, 8, 10, 12, 14), SHUFFLE(b0, b1, 1, 3, 5, 7, 9, 11, 13, 15),
-    };
     v8 m = cand[0];
     v8i which = {0};
     for (int i = 1; i < 4; i++) {
@@ -37,11 +34,23 @@ static inline TARGET void NAME(pool_row)(v8 a0, v8 a1, v8 b0, v8 b1, v8 *best, v
     *k = which;
 }
 
+/* The 2x2 windows of two map rows 16 pixels wide (a0 a1: the top row's two halves, b0 b1:
+ * the bottom row's), eight windows at a time. */
+static inline TARGET void NAME(pool_row)(v8 a0, v8 a1, v8 b0, v8 b1, v8 *best, v8i *k)
+{
+    const v8 cand[4] = {
+        SHUFFLE(a0, a1, 0, 2, 4, 6, 8, 10, 12, 14), SHUFFLE(a0, a1, 1, 3, 5, 7, 9, 11, 13, 15),
+        SHUFFLE(b0, b1, 0, 2, 4, 6, 8, 10, 12, 14), SHUFFLE(b0, b1, 1, 3, 5, 7, 9, 11, 13, 15),
+    };
+    NAME(first_max4)(cand, best, k);
+}
+
 /* The first convolution of one image: x (28, 28) to the six 24x24 maps of conv (6, 24, 24),
- * the layout PyTorch calls contiguous. Each row of a map is three vectors; the maps are made
+ * the layout PyTorch calls contiguous (lenet-relu takes them so, for its BatchNorm; the first
+ * stage pools them). Each row of a map is three vectors; the maps are made
  * three at a time, so that 9 running sums, the 3 vectors of input and a weight fit the 16 AVX
  * registers, and every input vector loaded serves three maps. */
-static inline TARGET void NAME(conv1_image)(const float *restrict x, const float *restrict w,
+static TARGET void NAME(conv1_image)(const float *restrict x, const float *restrict w,
                                             const float *restrict b, float *restrict conv)
 {
     for (int c0 = 0; c0 < MAPS; c0 += 3) {
@@ -71,7 +80,7 @@ static inline TARGET void NAME(conv1_image)(const float *restrict x, const float
 /* Adds one image's share of the first convolution's weight gradient, eight lanes per tap, to
  * dw8 (6 x 25), and of its bias gradient to db (6), from the gradient of its maps
  * grad (6, 24, 24). */
-static inline TARGET void NAME(conv1_grad_image)(const float *restrict x,
+static TARGET void NAME(conv1_grad_image)(const float *restrict x,
                                                  const float *restrict grad,
                                                  v8 *restrict dw8, float *restrict db)
 {
@@ -102,9 +111,7 @@ static TARGET void NAME(forward_image)(const float *restrict x, const float *res
 {
     float conv[MAPS][CONV][CONV];
     NAME(conv1_image)(x, w, b, &conv[0][0][0]);
-    /* out and arg are (12, 12, 6): channels last, the layout the second convolution takes.
-     * Eight windows at a time, with selects (which pixel wins is a coin toss to a branch
-     * predictor: branches took several times the convolution's time). */
+    /* out and arg are (12, 12, 6): channels last, the layout the second convolution takes. */
     for (int c = 0; c < MAPS; c++) {
         for (int p = 0; p < POOLED; p++) {
             const float *top = conv[c][2 * p], *bottom = conv[c][2 * p + 1];
@@ -139,20 +146,6 @@ static TARGET void NAME(backward_image)(const float *restrict x, const float *re
                 grad[c][2 * p + (k >> 1)][2 * q + (k & 1)] = g[at];
             }
     NAME(conv1_grad_image)(x, &grad[0][0][0], dw8, db);
-}
-
-/* The first convolution alone, for networks with BatchNorm between it and the pooling
- * (lenet-relu): maps out, gradients in, as (6, 24, 24) per image. */
-static TARGET void NAME(conv1_forward_image)(const float *restrict x, const float *restrict w,
-                                             const float *restrict b, float *restrict out)
-{
-    NAME(conv1_image)(x, w, b, out);
-}
-
-static TARGET void NAME(conv1_backward_image)(const float *restrict x, const float *restrict g,
-                                              v8 *restrict dw8, float *restrict db)
-{
-    NAME(conv1_grad_image)(x, g, dw8, db);
 }
 
 /* The second stage: Conv2d(6, 16, 5) on the 6x12x12 maps, then MaxPool2d(2, 2). The sixteen
@@ -197,13 +190,9 @@ static TARGET void NAME(forward2_image)(const float *restrict x, const float *re
             for (int h = 0; h < 2; h++) {
                 const v8 cand[4] = {conv[2 * p][2 * q][h], conv[2 * p][2 * q + 1][h],
                                     conv[2 * p + 1][2 * q][h], conv[2 * p + 1][2 * q + 1][h]};
-                v8 m = cand[0];
-                v8i which = {0};
-                for (int n = 1; n < 4; n++) {
-                    const v8i wins = (cand[n] > m) | (cand[n] != cand[n]);
-                    m = NAME(select8)(wins, cand[n], m);
-                    which = (wins & n) | (~wins & which);
-                }
+                v8 m;
+                v8i which;
+                NAME(first_max4)(cand, &m, &which);
                 memcpy(out + (p * 4 + q) * 16 + h * 8, &m, sizeof m);
                 for (int l = 0; l < 8; l++)
                     arg[(p * 4 + q) * 16 + h * 8 + l] = (unsigned char)which[l];

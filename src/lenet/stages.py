@@ -63,9 +63,9 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _covers(
-    x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d, maps: int, side: int, out: int
-) -> bool:
+def _conv_covers(x: torch.Tensor, conv: nn.Conv2d, maps: int, side: int, out: int) -> bool:
+    """Whether ``conv`` is a plain 5x5 convolution from ``maps`` to ``out`` maps and ``x`` is
+    float32 (N, maps, side, side), all on the CPU, outside bf16 autocast."""
     weight = conv.weight
     return (
         available()
@@ -76,29 +76,42 @@ def _covers(
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and tuple(weight.shape) == (out, maps, 5, 5)
-        and conv.bias is not None
         and conv.stride == (1, 1)
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
         and conv.groups == 1
-        and pool.kernel_size in (2, (2, 2))
+        and not _autocast_on()
+    )
+
+
+def _plain_2x2(pool: nn.MaxPool2d) -> bool:
+    return (
+        pool.kernel_size in (2, (2, 2))
         and pool.stride in (2, (2, 2))
         and pool.padding in (0, (0, 0))
         and pool.dilation in (1, (1, 1))
         and not pool.ceil_mode
-        and not _autocast_on()
     )
 
 
 def first_covers(x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d) -> bool:
     """Whether ``first`` can run: LeNet's first stage on float32 (N, 1, 28, 28) on the CPU,
     an input that needs no gradient (the kernel computes none for it)."""
-    return not x.requires_grad and _covers(x, conv, pool, maps=1, side=28, out=6)
+    return (
+        not x.requires_grad
+        and conv.bias is not None
+        and _plain_2x2(pool)
+        and _conv_covers(x, conv, maps=1, side=28, out=6)
+    )
 
 
 def second_covers(x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d) -> bool:
     """Whether ``second`` can run: LeNet's second stage on float32 (N, 6, 12, 12) on the CPU."""
-    return _covers(x, conv, pool, maps=6, side=12, out=16)
+    return (
+        conv.bias is not None
+        and _plain_2x2(pool)
+        and _conv_covers(x, conv, maps=6, side=12, out=16)
+    )
 
 
 class _First(torch.autograd.Function):
@@ -201,23 +214,7 @@ class _Conv1(torch.autograd.Function):
 def conv1_covers(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether ``conv1`` can run: a 5x5 convolution from one 28x28 map to 6, with or without a
     bias, on float32 on the CPU, for an input that needs no gradient."""
-    weight = conv.weight
-    return (
-        available()
-        and not x.requires_grad
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.dim() == 4
-        and tuple(x.shape[1:]) == (1, 28, 28)
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and tuple(weight.shape) == (6, 1, 5, 5)
-        and conv.stride == (1, 1)
-        and conv.padding == (0, 0)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and not _autocast_on()
-    )
+    return not x.requires_grad and _conv_covers(x, conv, maps=1, side=28, out=6)
 
 
 def conv1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
