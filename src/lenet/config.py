@@ -12,8 +12,10 @@ from typing import Any
 
 from lenet.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "onecycle", "cosine")
+# sdlm: the 1998 paper's stochastic diagonal Levenberg-Marquardt (lenet/sdlm.py).
+OPTIMIZERS = ("sgd", "adam", "adamw", "sdlm")
+# paper: the 1998 paper's rates per pass (lenet/sdlm.py), whatever the optimizer.
+SCHEDULES = ("constant", "onecycle", "cosine", "paper")
 AUGMENT_CHOICES = ("none", "affine", "elastic", "affine+elastic")  # lenet.augment.AUGMENTATIONS
 AMP_CHOICES = ("off", "bf16")
 
@@ -154,6 +156,11 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(
         config.optimizer in OPTIMIZERS,
         f"Unknown optimizer {config.optimizer!r}: {', '.join(OPTIMIZERS)}.",
+    )
+    _check(
+        config.optimizer != "sdlm" or get_model_spec(config.model).curvature,
+        f"--optimizer sdlm needs a model that estimates its curvature (lenet5, lenet5-linear); "
+        f"{config.model} does not: choose adam, adamw or sgd.",
     )
     _check(
         config.schedule in SCHEDULES,

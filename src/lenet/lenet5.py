@@ -282,10 +282,12 @@ class SparseConv2d(nn.Module):
             self.weight.uniform_(-1.0, 1.0).mul_(bound[pairs[:, 0]].view(-1, 1, 1).float())
             self.bias.uniform_(-1.0, 1.0).mul_(bound.float())
 
-    def dense_weight(self) -> torch.Tensor:
-        """The (out, in, k, k) kernel: the connections' weights, zero where the table says no."""
+    def dense_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The (out, in, k, k) kernel: the connections' weights (``weight``, default the
+        layer's own), zero where the table says no."""
         k = self.kernel_size
-        placed = self.placement @ self.weight.flatten(1)  # (out * in, k * k)
+        weight = self.weight if weight is None else weight
+        placed = self.placement @ weight.flatten(1)  # (out * in, k * k)
         return placed.view(self.out_maps, self.in_maps, k, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,6 +346,79 @@ class LeNet5(nn.Module):
         if self.rbf_output:
             return -self.output(x)  # (N, 10): minus the RBF penalties, higher = likelier
         return self.output(x)  # (N, 10)
+
+    def diagonal_hessian(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The second derivative of the loss with respect to each trainable parameter, by the
+        rules of the paper's appendix C, averaged over the batch: what its stochastic diagonal
+        Levenberg-Marquardt method divides the rates by (lenet/sdlm.py).
+
+        The rules back-propagate second derivatives as gradients are back-propagated, with the
+        off-diagonal terms and f'' dropped (the Gauss-Newton approximation): for a unit
+        a = sum_j w_j x_j + b followed by x' = f(a),
+            d2E/da2 = f'(a)^2 d2E/dx'2,   d2E/dx_j2 += w_j^2 d2E/da2,   d2E/dw_j2 += x_j^2 d2E/da2,
+        summed over every connection that shares a weight. Those are the same layers run with
+        squared weights on squared inputs, so autograd does the bookkeeping: each layer's
+        squared copy is fed the previous squared activations, and the factor f'(a)^2 enters
+        through a term that is zero in value and carries only the gradient.
+
+        At the output, the exact diagonal of eq. (9)'s second derivative with respect to F6's
+        outputs (never negative: a probability-weighted variance plus 2 p(rubbish)); for the
+        linear variant, cross-entropy's p (1 - p) with respect to each logit.
+        """
+        f = self.squash
+        slope, amplitude = f.slope, f.amplitude
+
+        def carried(out: torch.Tensor, shadow: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            # The value out^2 (the next layer's squared input); the gradient reaching
+            # ``shadow`` is f'(a)^2 times the one arriving here.
+            gain = (amplitude * slope * (1 - torch.tanh(slope * a).square())).square()
+            return out.square() + gain * (shadow - shadow.detach())
+
+        squared = {
+            name: p.detach().square().requires_grad_() for name, p in self.named_parameters()
+        }
+        with torch.no_grad():
+            x0 = F.pad(x, (2, 2, 2, 2), value=self.pad_value)
+            a1 = self.c1(x0)
+            a2 = self.s2(f(a1))
+            a3 = self.c3(f(a2))
+            a4 = self.s4(f(a3))
+            a5 = self.c5(f(a4))
+            a6 = self.f6(f(a5).flatten(1))
+            x6 = f(a6)
+
+        def subsampled(q: torch.Tensor, name: str) -> torch.Tensor:
+            coefficient, bias = squared[f"{name}.weight"], squared[f"{name}.bias"]
+            return F.avg_pool2d(q, 2) * 4.0 * coefficient.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+        w = squared
+        s = F.conv2d(x0.square(), w["c1.weight"], w["c1.bias"])
+        s = subsampled(carried(f(a1), s, a1), "s2")
+        c3 = self.c3.dense_weight(w["c3.weight"])  # placing squares = squaring the placed
+        s = F.conv2d(carried(f(a2), s, a2), c3, w["c3.bias"])
+        s = subsampled(carried(f(a3), s, a3), "s4")
+        s = F.conv2d(carried(f(a4), s, a4), w["c5.weight"], w["c5.bias"])
+        s = F.linear(carried(f(a5), s, a5).flatten(1), w["f6.weight"], w["f6.bias"])
+        if self.rbf_output:
+            with torch.no_grad():
+                # E = y_D + log(e^-j + sum_i e^-y_i), y_i = sum_k (x_k - c_ik)^2: with p the
+                # softmax over [-y, -j], d2E/dx_k2 = 2 p_rubbish + sum_i p_i v_ik^2
+                # - (sum_i p_i v_ik)^2, v_ik = dy_i/dx_k = 2 (x_k - c_ik). The desired class D
+                # drops out, so no labels are needed.
+                logits = -self.output(x6)
+                rubbish = logits.new_full((len(x6), 1), -RUBBISH_CONSTANT)
+                p = torch.softmax(torch.cat([logits, rubbish], 1), 1)
+                v = 2 * (x6.unsqueeze(1) - self.output.centres)  # (N, 10, 84)
+                pv = p[:, :10, None] * v
+                curvature = 2 * p[:, 10:] + (pv * v).sum(1) - pv.sum(1).square()
+            surrogate = (curvature * carried(x6, s, a6)).sum()
+        else:
+            with torch.no_grad():
+                p = torch.softmax(self.output(x6), 1)
+            s = F.linear(carried(x6, s, a6), w["output.weight"], w["output.bias"])
+            surrogate = (p * (1 - p) * s).sum()
+        surrogate.backward()
+        return {name: leaf.grad / len(x) for name, leaf in squared.items()}
 
 
 def rbf_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

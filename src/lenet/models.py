@@ -293,6 +293,9 @@ class ModelSpec:
     normalization: Normalization | None = None
     # The model's own training loss, loss(logits, targets) -> scalar; None: cross-entropy.
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Whether the model estimates its loss's curvature (``diagonal_hessian``), which the
+    # paper's optimizer needs (`--optimizer sdlm`, lenet/sdlm.py).
+    curvature: bool = False
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -344,6 +347,7 @@ register(
         "RBF output with fixed digit bitmaps, the paper's loss",
         normalization=LENET5_NORMALIZATION,
         loss=rbf_loss,
+        curvature=True,
     )
 )
 register(
@@ -352,6 +356,7 @@ register(
         functools.partial(LeNet5, rbf_output=False),
         "lenet5 with a plain linear output layer (84 -> 10) trained with cross-entropy",
         normalization=LENET5_NORMALIZATION,
+        curvature=True,
     )
 )
 register(

@@ -54,6 +54,7 @@ from lenet.models import (
     create_model,
     get_model_spec,
 )
+from lenet.sdlm import CURVATURE_IMAGES, SDLM, paper_rate
 from lenet.weights import save_weights
 
 WEIGHTS_NAME = "model.safetensors"
@@ -123,6 +124,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer the config names, over all of the model's parameters."""
     params = model.parameters()
+    if config.optimizer == "sdlm":
+        return SDLM(params, lr=config.lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -167,9 +170,14 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) 
 
 
 def make_scheduler(
-    config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-step learning-rate schedule over the whole run (constant is a no-op schedule)."""
+    total_steps = steps_per_epoch * config.epochs
+    if config.schedule == "paper":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: paper_rate(step // steps_per_epoch)
+        )
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25
@@ -387,7 +395,7 @@ def train(
     final = average.module if average is not None else model
     n_train = len(y_train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
-    scheduler = make_scheduler(config, optimizer, steps_per_epoch * config.epochs)
+    scheduler = make_scheduler(config, optimizer, steps_per_epoch)
 
     epoch, next_batch, order = 0, 0, None
     running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
@@ -461,6 +469,10 @@ def train(
                 order = epoch_order(n_train, config.seed, epoch).to(device)
             if order is None:
                 order = torch.randperm(n_train, generator=generator).to(device)
+            if isinstance(optimizer, SDLM) and next_batch == 0:
+                # The paper's estimate before each pass, from the pass's first images as they
+                # are (undistorted); a run resumed mid-pass keeps the checkpoint's.
+                optimizer.estimate_curvature(model, x_train[order[:CURVATURE_IMAGES]])
             bar = tqdm(
                 total=steps_per_epoch,
                 initial=next_batch,
