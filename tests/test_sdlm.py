@@ -46,7 +46,11 @@ def rbf_model() -> LeNet5:
     return LeNet5().double()
 
 
-def test_output_curvature_is_the_exact_second_derivative_of_equation_nine(rbf_model):
+@pytest.mark.parametrize("far", [False, True])
+def test_output_curvature_is_the_exact_second_derivative_of_equation_nine(rbf_model, far):
+    if far:  # F6 outputs pushed past every centre: penalties above j, the rubbish term counts
+        with torch.no_grad():
+            rbf_model.f6.bias.add_(4.0)
     x = torch.randn(4, 1, 28, 28, dtype=torch.double)
     hessian = rbf_model.diagonal_hessian(x)
     acts = activations(rbf_model, x)
