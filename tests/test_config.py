@@ -54,6 +54,8 @@ def test_the_best_recipe_is_the_results_table_recipe():
 
     for recipe in RECIPES:
         for model in MODELS:
+            if recipe == "paper" and not MODELS[model].curvature:
+                continue  # LeNet-5's own optimizer: refused for the others (test_sdlm.py)
             assert resolve_config(model, recipe).recipe == recipe
 
 

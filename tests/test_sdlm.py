@@ -153,7 +153,13 @@ def test_paper_schedule_gives_the_rates_of_each_pass():
 def test_sdlm_is_refused_for_a_model_without_a_curvature_estimate():
     with pytest.raises(ConfigError, match="sdlm.*lenet5"):
         resolve_config("lenet", optimizer="sdlm")
-    assert resolve_config("lenet5-linear", optimizer="sdlm", schedule="paper").optimizer == "sdlm"
+    with pytest.raises(ConfigError, match="recipe paper"):
+        resolve_config("lenet-relu", recipe="paper")
+    paper = resolve_config("lenet5", recipe="paper")
+    assert (paper.optimizer, paper.schedule, paper.epochs, paper.batch_size) == (
+        "sdlm", "paper", 20, 32,
+    )  # fmt: skip
+    assert resolve_config("lenet5-linear", recipe="paper").lr > paper.lr
 
 
 def test_a_resumed_sdlm_run_ends_with_the_uninterrupted_weights(small_mnist, tmp_path, monkeypatch):
