@@ -138,6 +138,13 @@ ROWS = (
         paper="0.95%",
     ),
     Row(
+        "lenet5-paper",
+        "`lenet5` (1998), no distortions, the paper's optimizer, 20 epochs",
+        "eq. 9 loss, SDLM (appendix C), the paper's rate steps from 0.0004, batch 32, 20 epochs",
+        ("--model", "lenet5", "--recipe", "paper"),
+        paper="0.95%",
+    ),
+    Row(
         "lenet5-distorted",
         "`lenet5` (1998), with distortions, 20 epochs",
         "the same on affine-distorted digits",
