@@ -56,10 +56,9 @@ class SDLM(torch.optim.Optimizer):
         """Set every parameter's rate divisor from ``model.diagonal_hessian(images)``."""
         if not supports_sdlm(model):
             raise TypeError(f"{type(model).__name__} cannot estimate its curvature for SDLM")
-        by_name = dict(model.named_parameters())
         with torch.enable_grad():
             hessian = model.diagonal_hessian(images)
-        names = {id(param): name for name, param in by_name.items()}
+        names = {id(param): name for name, param in model.named_parameters()}
         for group in self.param_groups:
             for param in group["params"]:
                 h = hessian[names[id(param)]]
