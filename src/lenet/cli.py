@@ -83,14 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--model", help="model name (see `lenet models`; default: lenet)")
     train.add_argument("--dataset", choices=DATASET_NAMES, help="default: mnist")
-    train.add_argument("--recipe", choices=tuple(RECIPES), help="default: default")
+    train.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        help="; ".join(f"{name}: {recipe.summary}" for name, recipe in RECIPES.items())
+        + " (default: default)",
+    )
     train.add_argument("--epochs", type=_positive_int)
     train.add_argument("--batch-size", type=_positive_int)
     train.add_argument("--lr", type=float, help="learning rate (peak rate for onecycle)")
-    train.add_argument("--optimizer", choices=OPTIMIZERS)
+    train.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="sdlm: LeNet-5's own (1998), for lenet5 and lenet5-linear (default: adam)",
+    )
     train.add_argument("--momentum", type=float, help="SGD momentum")
     train.add_argument("--weight-decay", type=float)
-    train.add_argument("--schedule", choices=SCHEDULES)
+    train.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="paper: the 1998 paper's rate steps per pass (default: onecycle)",
+    )
     train.add_argument("--label-smoothing", type=float)
     train.add_argument(
         "--ema", type=float, metavar="DECAY",

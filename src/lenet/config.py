@@ -132,9 +132,9 @@ RECIPES: dict[str, Recipe] = {
         },
     ),
     "paper": Recipe(
-        summary="LeNet-5's own training (1998): stochastic diagonal Levenberg-Marquardt, the "
-        "paper's rates per pass, 20 passes; batches of 32 instead of single images (lenet5, "
-        "lenet5-linear)",
+        summary="LeNet-5's own training (1998): stochastic diagonal Levenberg-Marquardt with "
+        "the paper's rate steps per pass, 20 passes, in batches of 32 instead of single images "
+        "(lenet5, lenet5-linear)",
         # The paper's per-image rate, 0.0005, diverged here both per image and scaled to a
         # batch. The rates are the largest that trained stably in batches of 32, measured on
         # 20,000 images: for lenet5 0.0004 (0.001 diverged); for lenet5-linear, whose
