@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -269,3 +270,29 @@ def test_a_device_this_machine_lacks_leaves_no_run_folder(tmp_path):
     done = _lenet("train", "--device", "cuda", "--out", str(out), check=False)
     assert done.returncode == 2 and "sees no CUDA GPU" in done.stderr
     assert not out.exists()
+
+
+def test_a_diverged_run_is_told_to_lower_its_rate(small_mnist, tmp_path, capsys):
+    # lenet5 under SDLM at 25 times the paper recipe's rate blows up in its first pass.
+    config = resolve_config(
+        "lenet5", "paper", lr=0.01, epochs=1, train_limit=1024, threads=1, out=str(tmp_path / "a")
+    )
+    train(config, dataset=small_mnist, progress=False)
+    warning = capsys.readouterr().err
+    assert "epoch 1" in warning and "diverged" in warning and "lower --lr than 0.01" in warning
+    # At the recipe's rate it learns, and nothing is said.
+    stable = dataclasses.replace(config, lr=0.0004, out=str(tmp_path / "b"))
+    train(stable, dataset=small_mnist, progress=False)
+    assert "diverged" not in capsys.readouterr().err
+
+
+def test_only_a_blown_up_loss_counts_as_diverged():
+    from lenet.training import _diverged
+
+    uniform = math.log(10)
+    assert _diverged({"train_loss": float("nan"), "train_accuracy": 0.5}, 10)
+    assert _diverged({"train_loss": 90.0, "train_accuracy": 0.1}, 10)
+    # Still at chance with a uniform guess's loss: not started yet (sigmoid nets under SGD).
+    assert not _diverged({"train_loss": uniform, "train_accuracy": 0.11}, 10)
+    # A high loss on a run that answers well is a loss with large margins, not a blow-up.
+    assert not _diverged({"train_loss": 90.0, "train_accuracy": 0.9}, 10)

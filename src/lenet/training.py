@@ -461,6 +461,7 @@ def train(
 
     stop = _StopRequest() if distributed is None else _GroupStopRequest(distributed)
     reached_target = bool(history) and _reached(config, history[-1])
+    warned_diverged = False
     model.train()
     with stop.installed():
         while epoch < config.epochs and not reached_target:
@@ -563,6 +564,9 @@ def train(
                     f"{held_out} ({metrics['samples_per_second']:,.0f} samples/s)",
                     file=sys.stderr,
                 )
+            if main and not warned_diverged and _diverged(metrics, len(data.spec.classes)):
+                warned_diverged = True
+                print(_diverged_warning(config, metrics), file=sys.stderr)
             if on_epoch_end is not None:
                 on_epoch_end(metrics, final)
                 model.train()
@@ -655,3 +659,24 @@ def _interrupted(run_dir: Path, where: str) -> TrainingInterrupted:
 def _reached(config: TrainConfig, metrics: dict[str, Any]) -> bool:
     target = config.target_accuracy
     return target is not None and metrics["val_accuracy"] >= target
+
+
+def _diverged(metrics: dict[str, Any], classes: int) -> bool:
+    """Whether an epoch's figures say the run blew up: a loss that is not a number, or one
+    above twice a uniform guess's (ln of the class count) while the answers are no better than
+    chance. A run that has merely not started learning (the sigmoid network under plain SGD
+    can sit at chance for epochs) keeps a loss near the uniform guess's and is not flagged."""
+    loss = metrics["train_loss"]
+    if math.isnan(loss) or math.isinf(loss):
+        return True
+    return loss > 2 * math.log(classes) and metrics["train_accuracy"] < 2 / classes
+
+
+def _diverged_warning(config: TrainConfig, metrics: dict[str, Any]) -> str:
+    lower = {"sdlm": " (the paper recipe's 0.0004 trained lenet5 stably in batches of 32)"}
+    return (
+        f"warning: epoch {metrics['epoch']}: training loss {metrics['train_loss']:.4g} and "
+        f"accuracy {metrics['train_accuracy']:.1%}, no better than chance: the run has "
+        f"diverged. Train again with a lower --lr than {config.lr:g}"
+        f"{lower.get(config.optimizer, '')}; the run goes on as asked."
+    )
