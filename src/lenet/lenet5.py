@@ -234,6 +234,12 @@ def paper_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
         return tensor.uniform_(-bound, bound)
 
 
+def subsample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Each 2x2 block of each map summed, times the map's coefficient, plus its bias."""
+    # avg_pool2d times 4 is the 2x2 sum, and exports to ONNX unlike a divisor override.
+    return F.avg_pool2d(x, 2) * 4.0 * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
 class Subsampling(nn.Module):
     """S2 and S4: each 2x2 block summed, times a trainable coefficient, plus a trainable bias,
     one of each per map (the squashing function is applied by the caller)."""
@@ -246,9 +252,7 @@ class Subsampling(nn.Module):
         paper_uniform_(self.bias, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # avg_pool2d times 4 is the 2x2 sum, and exports to ONNX unlike a divisor override.
-        summed = F.avg_pool2d(x, 2) * 4.0  # (N, C, H/2, W/2)
-        return summed * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return subsample(x, self.weight, self.bias)  # (N, C, H/2, W/2)
 
 
 class SparseConv2d(nn.Module):
@@ -368,37 +372,31 @@ class LeNet5(nn.Module):
         f = self.squash
         slope, amplitude = f.slope, f.amplitude
 
-        def carried(out: torch.Tensor, shadow: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-            # The value out^2 (the next layer's squared input); the gradient reaching
+        def carried(a: torch.Tensor, shadow: torch.Tensor) -> torch.Tensor:
+            # The value f(a)^2 (the next layer's squared input); the gradient reaching
             # ``shadow`` is f'(a)^2 times the one arriving here.
             gain = (amplitude * slope * (1 - torch.tanh(slope * a).square())).square()
-            return out.square() + gain * (shadow - shadow.detach())
+            return f(a).square() + gain * (shadow - shadow.detach())
 
-        squared = {
-            name: p.detach().square().requires_grad_() for name, p in self.named_parameters()
-        }
+        w = {name: p.detach().square().requires_grad_() for name, p in self.named_parameters()}
+        # The plain pass's pre-activations, each layer fed the squashed one before.
         with torch.no_grad():
             x0 = F.pad(x, (2, 2, 2, 2), value=self.pad_value)
             a1 = self.c1(x0)
             a2 = self.s2(f(a1))
             a3 = self.c3(f(a2))
             a4 = self.s4(f(a3))
-            a5 = self.c5(f(a4))
-            a6 = self.f6(f(a5).flatten(1))
+            a5 = self.c5(f(a4)).flatten(1)
+            a6 = self.f6(f(a5))
             x6 = f(a6)
 
-        def subsampled(q: torch.Tensor, name: str) -> torch.Tensor:
-            coefficient, bias = squared[f"{name}.weight"], squared[f"{name}.bias"]
-            return F.avg_pool2d(q, 2) * 4.0 * coefficient.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
-
-        w = squared
         s = F.conv2d(x0.square(), w["c1.weight"], w["c1.bias"])
-        s = subsampled(carried(f(a1), s, a1), "s2")
+        s = subsample(carried(a1, s), w["s2.weight"], w["s2.bias"])
         c3 = self.c3.dense_weight(w["c3.weight"])  # placing squares = squaring the placed
-        s = F.conv2d(carried(f(a2), s, a2), c3, w["c3.bias"])
-        s = subsampled(carried(f(a3), s, a3), "s4")
-        s = F.conv2d(carried(f(a4), s, a4), w["c5.weight"], w["c5.bias"])
-        s = F.linear(carried(f(a5), s, a5).flatten(1), w["f6.weight"], w["f6.bias"])
+        s = F.conv2d(carried(a2, s), c3, w["c3.bias"])
+        s = subsample(carried(a3, s), w["s4.weight"], w["s4.bias"])
+        s = F.conv2d(carried(a4, s), w["c5.weight"], w["c5.bias"])
+        s = F.linear(carried(a5, s.flatten(1)), w["f6.weight"], w["f6.bias"])
         if self.rbf_output:
             with torch.no_grad():
                 # E = y_D + log(e^-j + sum_i e^-y_i), y_i = sum_k (x_k - c_ik)^2: with p the
@@ -411,14 +409,14 @@ class LeNet5(nn.Module):
                 v = 2 * (x6.unsqueeze(1) - self.output.centres)  # (N, 10, 84)
                 pv = p[:, :10, None] * v
                 curvature = 2 * p[:, 10:] + (pv * v).sum(1) - pv.sum(1).square()
-            surrogate = (curvature * carried(x6, s, a6)).sum()
+            surrogate = (curvature * carried(a6, s)).sum()
         else:
             with torch.no_grad():
                 p = torch.softmax(self.output(x6), 1)
-            s = F.linear(carried(x6, s, a6), w["output.weight"], w["output.bias"])
+            s = F.linear(carried(a6, s), w["output.weight"], w["output.bias"])
             surrogate = (p * (1 - p) * s).sum()
         surrogate.backward()
-        return {name: leaf.grad / len(x) for name, leaf in squared.items()}
+        return {name: leaf.grad / len(x) for name, leaf in w.items()}
 
 
 def rbf_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,6 @@ def paper_rate(epoch: int) -> float:
     return LATE_RATE
 
 
-def supports_sdlm(model: torch.nn.Module) -> bool:
-    """Whether ``model`` can estimate its own curvature (the method needs it)."""
-    return callable(getattr(model, "diagonal_hessian", None))
-
-
 class SDLM(torch.optim.Optimizer):
     """w_k <- w_k - lr / (mu + h_kk) * dE/dw_k, with h_kk set by ``estimate_curvature``."""
 
@@ -54,7 +49,7 @@ class SDLM(torch.optim.Optimizer):
     @torch.no_grad()
     def estimate_curvature(self, model: torch.nn.Module, images: torch.Tensor) -> None:
         """Set every parameter's rate divisor from ``model.diagonal_hessian(images)``."""
-        if not supports_sdlm(model):
+        if not callable(getattr(model, "diagonal_hessian", None)):
             raise TypeError(f"{type(model).__name__} cannot estimate its curvature for SDLM")
         with torch.enable_grad():
             hessian = model.diagonal_hessian(images)

@@ -673,10 +673,12 @@ def _diverged(metrics: dict[str, Any], classes: int) -> bool:
 
 
 def _diverged_warning(config: TrainConfig, metrics: dict[str, Any]) -> str:
-    lower = {"sdlm": " (the paper recipe's 0.0004 trained lenet5 stably in batches of 32)"}
+    hint = ""
+    if config.optimizer == "sdlm":
+        hint = " (the paper recipe's 0.0004 trained lenet5 stably in batches of 32)"
     return (
         f"warning: epoch {metrics['epoch']}: training loss {metrics['train_loss']:.4g} and "
         f"accuracy {metrics['train_accuracy']:.1%}, no better than chance: the run has "
         f"diverged. Train again with a lower --lr than {config.lr:g}"
-        f"{lower.get(config.optimizer, '')}; the run goes on as asked."
+        f"{hint}; the run goes on as asked."
     )
