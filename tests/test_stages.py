@@ -147,6 +147,55 @@ def test_gradients_are_the_same_bits_every_time(stage):
         assert a is None or torch.equal(a, b)
 
 
+def test_pytorchs_openmp_threads_are_found_where_pytorch_has_them():
+    # The kernels share a batch among PyTorch's own threads; if the runtime were not found they
+    # would quietly run on one thread, at half the speed on 2 cores.
+    if stages.variant() is None or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("no compiled kernels, or a PyTorch without OpenMP threads")
+    assert stages.openmp() is not None
+
+
+@pytest.fixture
+def threads():
+    """Sets PyTorch's thread count, which the kernels share a batch among; restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def conv1_results(x, conv, grad):
+    out = stages.conv1(x.clone(), conv)
+    out.backward(grad)
+    return out.detach(), None, conv.weight.grad.clone(), conv.bias.grad.clone()
+
+
+@built
+@pytest.mark.parametrize("stage", [*sorted(STAGES), "conv1"])
+def test_threads_share_a_batch_and_agree_with_one_thread(threads, stage):
+    # 129 images: shares of 43 for 3 threads, 64 and 65 for 2, so an image left out or run
+    # twice would show; more threads than this machine's cores work too. (The other tests
+    # compare the kernels with PyTorch at PyTorch's thread count.)
+    x, conv, grad = inputs("first" if stage == "conv1" else stage, 129, seed=5)
+    if stage == "conv1":
+        grad = torch.randn(129, 6, 24, 24)
+    runs = {}
+    for count in (1, 2, 3):
+        threads(count)
+        layer = copy.deepcopy(conv)
+        if stage == "conv1":
+            runs[count] = conv1_results(x, layer, grad)
+        else:
+            runs[count] = both(stage, x, layer, grad)[1]
+    for count in (2, 3):
+        # Each image's maps and input gradient come from one thread alone: the same bits.
+        for one, many in zip(runs[1][:2], runs[count][:2]):
+            assert one is None or torch.equal(one, many)
+        # The weight and bias gradients add up the threads' sums: another order of addition.
+        for one, many in zip(runs[1][2:], runs[count][2:]):
+            scale = float(one.abs().max())
+            torch.testing.assert_close(many, one, rtol=0, atol=1e-5 * scale)
+
+
 @built
 def test_lenet_training_steps_run_through_the_kernels_and_match_pytorch(monkeypatch):
     torch.manual_seed(0)

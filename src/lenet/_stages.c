@@ -15,7 +15,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
 
 /* The first stage's sizes; the second's (12x12 in, 6 and 16 maps, 8x8 and 4x4) are written
  * out where they are used. */
@@ -81,126 +85,286 @@ static const Kernels avx2 = {"avx2", forward_image_avx2, backward_image_avx2,
 #endif
 static const Kernels *kernels = &plain;
 
-/* forward1(x, w, b, out, arg, count): addresses of float32 x (count, 28, 28), w (6, 25), b (6),
- * out (count, 12, 12, 6) and uint8 arg (count, 12, 12, 6). One thread: PyTorch's own threads
- * are busy-waiting for their next task between its operations, and threads of ours competing
- * with them made a whole training step slower, not faster (measured). */
+/* ---- Running a batch on PyTorch's own threads ----
+ *
+ * The images of a batch are independent, so a batch is cut into one contiguous share per
+ * thread. The threads are PyTorch's: its OpenMP runtime (libgomp on Linux), already loaded by
+ * `import torch`, is found by name and asked for a parallel region, as `#pragma omp parallel`
+ * would be, without linking to it. Threads of our own had to compete with PyTorch's, which
+ * busy-wait for their next task after each of its operations, and two of ours ran a stage
+ * slower than one (measured); PyTorch's waiting threads take the work at once instead.
+ * Where no such runtime is loaded, one thread runs the whole batch. */
+
+typedef void (*RegionFn)(void *);
+static void (*gomp_parallel)(RegionFn, void *, unsigned, unsigned) = NULL;
+static int (*omp_thread_num)(void) = NULL;
+static int (*omp_team_size)(void) = NULL;
+static const char *openmp_name = NULL;
+
+static void find_openmp(void)
+{
+#if defined(__unix__) || defined(__APPLE__)
+    /* RTLD_NOLOAD: only a runtime already in the process (PyTorch's), never a second one with
+     * threads of its own. libgomp and LLVM's libomp both answer the GOMP_ entry points. */
+    static const char *const names[] = {"libgomp.so.1", "libomp.so", "libomp.dylib",
+                                        "libiomp5.so"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        void *lib = dlopen(names[i], RTLD_LAZY | RTLD_NOLOAD);
+        if (lib == NULL)
+            continue;
+        void *parallel = dlsym(lib, "GOMP_parallel");
+        void *num = dlsym(lib, "omp_get_thread_num");
+        void *size = dlsym(lib, "omp_get_num_threads");
+        if (parallel != NULL && num != NULL && size != NULL) {
+            /* Object to function pointers, as POSIX allows for dlsym's answers. */
+            memcpy(&gomp_parallel, &parallel, sizeof parallel);
+            memcpy(&omp_thread_num, &num, sizeof num);
+            memcpy(&omp_team_size, &size, sizeof size);
+            openmp_name = names[i];
+            return; /* the handle stays open: the runtime stays loaded */
+        }
+        dlclose(lib);
+    }
+#endif
+}
+
+/* What one thread adds up over its share of a batch: weight gradients (up to the second
+ * stage's 16 x 25 taps, eight lanes each) and bias gradients (up to 16). */
+typedef struct {
+    v8 dw8[16 * TAPS];
+    float db[16];
+} Partial;
+
+#define MAX_ADDRESSES 7
+
+/* One entry point's work on the images [from, to) of a batch; a backward pass adds its
+ * gradients to `partial` (NULL for a forward pass). `a` holds the entry point's addresses. */
+typedef void (*ShareFn)(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *partial);
+
+typedef struct {
+    ShareFn fn;
+    const Py_ssize_t *a;
+    Py_ssize_t count;
+    Partial *partials; /* one per thread, or NULL for a forward pass */
+    int team;          /* how many threads ran: the runtime may give fewer than asked */
+} Batch;
+
+static void run_share(Batch *batch, int me, int team)
+{
+    Partial *partial = NULL;
+    if (batch->partials != NULL) {
+        partial = &batch->partials[me];
+        memset(partial, 0, sizeof *partial);
+    }
+    batch->fn(batch->a, batch->count * me / team, batch->count * (me + 1) / team, partial);
+}
+
+static void region(void *data)
+{
+    Batch *batch = data;
+    const int me = omp_thread_num(), team = omp_team_size();
+    if (me == 0)
+        batch->team = team;
+    run_share(batch, me, team);
+}
+
+/* Parses (addresses, count, threads): a tuple of `n` addresses, the number of images, and how
+ * many threads may run them. Then runs fn over the batch with the GIL released. For a backward
+ * pass (`gradients`), returns the threads' sums added up in thread order (so one thread count
+ * gives the same bits on every run), which the caller frees with free(); else returns `a`
+ * itself as a token of success. NULL with a Python error set when it fails. */
+static void *run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, int gradients)
+{
+    PyObject *addresses;
+    Py_ssize_t count;
+    int threads;
+    if (!PyArg_ParseTuple(args, "O!ni", &PyTuple_Type, &addresses, &count, &threads))
+        return NULL;
+    if (PyTuple_GET_SIZE(addresses) != n) {
+        PyErr_Format(PyExc_TypeError, "expected %d addresses", n);
+        return NULL;
+    }
+    for (int i = 0; i < n; i++) {
+        a[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(addresses, i));
+        if (a[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (gomp_parallel == NULL || threads < 1)
+        threads = 1;
+    if (threads > count)
+        threads = count > 0 ? (int)count : 1;
+    Batch batch = {fn, a, count, NULL, 1};
+    if (gradients) {
+        /* v8 needs 32-byte alignment; sizeof(Partial) is a multiple of 32. */
+        batch.partials = aligned_alloc(32, (size_t)threads * sizeof(Partial));
+        if (batch.partials == NULL)
+            return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (threads > 1)
+        gomp_parallel(region, &batch, (unsigned)threads, 0);
+    else
+        run_share(&batch, 0, 1);
+    for (int t = 1; t < batch.team && gradients; t++) {
+        for (int i = 0; i < 16 * TAPS; i++)
+            batch.partials[0].dw8[i] += batch.partials[t].dw8[i];
+        for (int i = 0; i < 16; i++)
+            batch.partials[0].db[i] += batch.partials[t].db[i];
+    }
+    Py_END_ALLOW_THREADS
+    return gradients ? (void *)batch.partials : (void *)a;
+}
+
+/* ---- The entry points ----
+ * Each takes (addresses, count, threads); the addresses are those of contiguous tensors,
+ * listed in each entry point's comment. */
+
+static void forward1_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    (void)p;
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->forward1((const float *)a[0] + n * SIDE * SIDE, (const float *)a[1],
+                          (const float *)a[2], (float *)a[3] + n * POOLED * POOLED * MAPS,
+                          (unsigned char *)a[4] + n * POOLED * POOLED * MAPS);
+}
+
+/* forward1((x, w, b, out, arg), count, threads): float32 x (count, 28, 28), w (6, 25), b (6),
+ * out (count, 12, 12, 6) and uint8 arg (count, 12, 12, 6). */
 static PyObject *forward1(PyObject *self, PyObject *args)
 {
-    Py_ssize_t x, w, b, out, arg, count;
+    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnn", &x, &w, &b, &out, &arg, &count))
+    if (run_batch(args, a, 5, forward1_share, 0) == NULL)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t n = 0; n < count; n++)
-        kernels->forward1((const float *)x + n * SIDE * SIDE, (const float *)w, (const float *)b,
-                      (float *)out + n * POOLED * POOLED * MAPS,
-                      (unsigned char *)arg + n * POOLED * POOLED * MAPS);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* backward1(x, g, arg, dw, db, count): g is float32 (count, 12, 12, 6), the gradient of the
- * pooled maps; dw (6, 25) and db (6) are overwritten with the weight and bias gradients. */
+static void backward1_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->backward1((const float *)a[0] + n * SIDE * SIDE,
+                           (const float *)a[1] + n * POOLED * POOLED * MAPS,
+                           (const unsigned char *)a[2] + n * POOLED * POOLED * MAPS, p->dw8,
+                           p->db);
+}
+
+/* Writes a backward pass's summed gradients: dw (maps, 25) and db (maps). */
+static PyObject *write_gradients(Partial *total, Py_ssize_t dw, Py_ssize_t db, int maps)
+{
+    if (total == NULL)
+        return NULL;
+    for (int i = 0; i < maps * TAPS; i++)
+        ((float *)dw)[i] = lane_sum(total->dw8[i]);
+    memcpy((float *)db, total->db, (size_t)maps * sizeof(float));
+    free(total);
+    Py_RETURN_NONE;
+}
+
+/* backward1((x, g, arg, dw, db), count, threads): g is float32 (count, 12, 12, 6), the
+ * gradient of the pooled maps; dw (6, 25) and db (6) are overwritten with the weight and bias
+ * gradients. */
 static PyObject *backward1(PyObject *self, PyObject *args)
 {
-    Py_ssize_t x, g, arg, dw, db, count;
+    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnn", &x, &g, &arg, &dw, &db, &count))
-        return NULL;
-    float *dw_out = (float *)dw, *db_out = (float *)db;
-    Py_BEGIN_ALLOW_THREADS
-    v8 dw8[MAPS * TAPS];
-    memset(dw8, 0, sizeof dw8);
-    memset(db_out, 0, MAPS * sizeof(float));
-    for (Py_ssize_t n = 0; n < count; n++)
-        kernels->backward1((const float *)x + n * SIDE * SIDE,
-                       (const float *)g + n * POOLED * POOLED * MAPS,
-                       (const unsigned char *)arg + n * POOLED * POOLED * MAPS, dw8, db_out);
-    for (int i = 0; i < MAPS * TAPS; i++)
-        dw_out[i] = lane_sum(dw8[i]);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    Partial *total = run_batch(args, a, 5, backward1_share, 1); /* fills a first */
+    return write_gradients(total, a[3], a[4], MAPS);
 }
 
-/* conv1_forward(x, w, b, out, count): the first convolution alone, for lenet-relu, whose
- * BatchNorm comes between it and the pooling: float32 x (count, 28, 28), w (6, 25), b (6),
- * out (count, 6, 24, 24). */
+static void conv1_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    (void)p;
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->conv1((const float *)a[0] + n * SIDE * SIDE, (const float *)a[1],
+                       (const float *)a[2], (float *)a[3] + n * MAPS * CONV * CONV);
+}
+
+/* conv1_forward((x, w, b, out), count, threads): the first convolution alone, for lenet-relu,
+ * whose BatchNorm comes between it and the pooling: float32 x (count, 28, 28), w (6, 25),
+ * b (6), out (count, 6, 24, 24). */
 static PyObject *conv1_forward(PyObject *self, PyObject *args)
 {
-    Py_ssize_t x, w, b, out, count;
+    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnn", &x, &w, &b, &out, &count))
+    if (run_batch(args, a, 4, conv1_share, 0) == NULL)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t n = 0; n < count; n++)
-        kernels->conv1((const float *)x + n * SIDE * SIDE, (const float *)w,
-                            (const float *)b, (float *)out + n * MAPS * CONV * CONV);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* conv1_backward(x, g, dw, db, count): g float32 (count, 6, 24, 24), the gradient of the maps;
- * dw (6, 25) and db (6) are overwritten with the weight and bias gradients. */
+static void conv1_grad_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->conv1_grad((const float *)a[0] + n * SIDE * SIDE,
+                            (const float *)a[1] + n * MAPS * CONV * CONV, p->dw8, p->db);
+}
+
+/* conv1_backward((x, g, dw, db), count, threads): g float32 (count, 6, 24, 24), the gradient
+ * of the maps; dw (6, 25) and db (6) are overwritten with the weight and bias gradients. */
 static PyObject *conv1_backward(PyObject *self, PyObject *args)
 {
-    Py_ssize_t x, g, dw, db, count;
+    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnn", &x, &g, &dw, &db, &count))
-        return NULL;
-    float *dw_out = (float *)dw, *db_out = (float *)db;
-    Py_BEGIN_ALLOW_THREADS
-    v8 dw8[MAPS * TAPS];
-    memset(dw8, 0, sizeof dw8);
-    memset(db_out, 0, MAPS * sizeof(float));
-    for (Py_ssize_t n = 0; n < count; n++)
-        kernels->conv1_grad((const float *)x + n * SIDE * SIDE,
-                             (const float *)g + n * MAPS * CONV * CONV, dw8, db_out);
-    for (int i = 0; i < MAPS * TAPS; i++)
-        dw_out[i] = lane_sum(dw8[i]);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    Partial *total = run_batch(args, a, 4, conv1_grad_share, 1); /* fills a first */
+    return write_gradients(total, a[2], a[3], MAPS);
 }
 
-/* forward2(x, w, b, out, arg, count): float32 x (count, 12, 12, 6), w (5, 5, 6, 16), b (16),
- * out (count, 4, 4, 16) and uint8 arg (count, 4, 4, 16). */
+static void forward2_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    (void)p;
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->forward2((const float *)a[0] + n * 12 * 12 * 6, (const float *)a[1],
+                          (const float *)a[2], (float *)a[3] + n * 4 * 4 * 16,
+                          (unsigned char *)a[4] + n * 4 * 4 * 16);
+}
+
+/* forward2((x, w, b, out, arg), count, threads): float32 x (count, 12, 12, 6),
+ * w (5, 5, 6, 16), b (16), out (count, 4, 4, 16) and uint8 arg (count, 4, 4, 16). */
 static PyObject *forward2(PyObject *self, PyObject *args)
 {
-    Py_ssize_t x, w, b, out, arg, count;
+    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnn", &x, &w, &b, &out, &arg, &count))
+    if (run_batch(args, a, 5, forward2_share, 0) == NULL)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t n = 0; n < count; n++)
-        kernels->forward2((const float *)x + n * 12 * 12 * 6, (const float *)w, (const float *)b,
-                       (float *)out + n * 4 * 4 * 16, (unsigned char *)arg + n * 4 * 4 * 16);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* backward2(x, g, arg, w8, dx, dw, db, count): g float32 (count, 4, 4, 16), the gradient of the
- * pooled maps; w8 the weights as (16, 5, 5, 8), the six input maps padded to eight. Written:
- * dx (count, 12, 12, 6), dw (16, 5, 5, 6) and db (16). */
+static void backward2_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->backward2((const float *)a[0] + n * 12 * 12 * 6,
+                           (const float *)a[1] + n * 4 * 4 * 16,
+                           (const unsigned char *)a[2] + n * 4 * 4 * 16, (const v8 *)a[3],
+                           (float *)a[4] + n * 12 * 12 * 6, p->dw8, p->db);
+}
+
+/* backward2((x, g, arg, w8, dx, dw, db), count, threads): g float32 (count, 4, 4, 16), the
+ * gradient of the pooled maps; w8 the weights as (16, 5, 5, 8), the six input maps padded to
+ * eight. Written: dx (count, 12, 12, 6), dw (16, 5, 5, 6) and db (16). */
 static PyObject *backward2(PyObject *self, PyObject *args)
 {
-    Py_ssize_t x, g, arg, w8, dx, dw, db, count;
+    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnn", &x, &g, &arg, &w8, &dx, &dw, &db, &count))
+    Partial *total = run_batch(args, a, 7, backward2_share, 1);
+    if (total == NULL)
         return NULL;
-    float *dw_out = (float *)dw, *db_out = (float *)db;
-    Py_BEGIN_ALLOW_THREADS
-    v8 dw8[16 * TAPS];
-    memset(dw8, 0, sizeof dw8);
-    memset(db_out, 0, 16 * sizeof(float));
-    for (Py_ssize_t n = 0; n < count; n++)
-        kernels->backward2((const float *)x + n * 12 * 12 * 6, (const float *)g + n * 4 * 4 * 16,
-                        (const unsigned char *)arg + n * 4 * 4 * 16, (const v8 *)w8,
-                        (float *)dx + n * 12 * 12 * 6, dw8, db_out);
+    float *dw = (float *)a[5];
     for (int tap = 0; tap < 16 * TAPS; tap++)
         for (int c = 0; c < 6; c++)
-            dw_out[tap * 6 + c] = dw8[tap][c];
-    Py_END_ALLOW_THREADS
+            dw[tap * 6 + c] = total->dw8[tap][c];
+    memcpy((float *)a[6], total->db, 16 * sizeof(float));
+    free(total);
     Py_RETURN_NONE;
+}
+
+/* openmp(): the name of the OpenMP runtime whose threads run the batches, or None when one
+ * thread runs them all. */
+static PyObject *openmp(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    if (openmp_name == NULL)
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(openmp_name);
 }
 
 #ifdef HAVE_AVX2_VARIANT
@@ -242,6 +406,7 @@ static PyMethodDef methods[] = {
     {"conv1_backward", conv1_backward, METH_VARARGS, "The first convolution's gradients."},
     {"forward2", forward2, METH_VARARGS, "The second stage's pooled maps and each window's winner."},
     {"backward2", backward2, METH_VARARGS, "The second stage's input, weight and bias gradients."},
+    {"openmp", openmp, METH_NOARGS, "The OpenMP runtime whose threads run batches, or None."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -252,6 +417,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__stages(void)
 {
+    find_openmp();
 #ifdef HAVE_AVX2_VARIANT
     if (cpu_has_avx2())
         kernels = &avx2;
