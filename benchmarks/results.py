@@ -80,13 +80,13 @@ ROWS = (
     Row(
         "lenet-default",
         "`lenet`, lenet's fast default recipe",
-        "Adam one-cycle 0.01, batch 128, 10 epochs, standardised",
+        "Adam one-cycle 0.01, batch 256, 10 epochs, standardised",
         ("--model", "lenet"),
     ),
     Row(
         "lenet-best",
         "`lenet`, our best recipe",
-        "default + affine distortions, 30 epochs",
+        "Adam one-cycle 0.01, batch 128, affine distortions, 30 epochs",
         ("--model", "lenet", "--recipe", "best"),
     ),
     Row(

@@ -41,6 +41,11 @@ def test_a_short_run_learns_and_writes_a_complete_run_folder(small_mnist, tmp_pa
         loaded.model, small_mnist.test.images, small_mnist.test.labels, loaded.normalization
     )
     assert again.accuracy == card["test_accuracy"]
+    # Validation runs the training order (compiled stages); it gives `forward`'s figure.
+    val = evaluate_model(
+        loaded.model, small_mnist.val.images, small_mnist.val.labels, loaded.normalization
+    )
+    assert val.accuracy == result.val_accuracy
     # Checkpoints load in PyTorch's safe mode.
     state = torch.load(run / CHECKPOINT_NAME, weights_only=True)
     assert state["epoch"] == 1

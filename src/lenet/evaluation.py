@@ -104,10 +104,14 @@ def predict_logits(
     was_training = model.training
     model.eval()
     try:
-        chunks = [
-            model(normalization.apply(images[start : start + batch_size].to(device))).float().cpu()
-            for start in range(0, len(images), batch_size)
-        ]
+        # No autograd graph: for a model in training it would keep every chunk's activations.
+        with torch.no_grad():
+            chunks = [
+                model(normalization.apply(images[start : start + batch_size].to(device)))
+                .float()
+                .cpu()
+                for start in range(0, len(images), batch_size)
+            ]
     finally:
         model.train(was_training)
     return torch.cat(chunks) if chunks else torch.zeros(0, 10)
