@@ -202,9 +202,11 @@ static TARGET void NAME(forward2_image)(const float *restrict x, const float *re
 }
 
 /* The second stage's gradients for one image. Only each window's winner has a gradient, so
- * the work goes window by window (256 of them), the six input maps of a pixel in one vector
- * (padded to eight). x is (12, 12, 6), g and arg (4, 4, 16), w8 (16, 5, 5, 8); dx (12, 12, 6)
- * is written, dw8 (16, 5, 5) vectors and db (16) are added to. */
+ * the work goes map by map over its 16 windows' winners, the six input maps of a pixel in one
+ * vector (padded to eight). A weight row's five taps gather their sums over the 16 windows in
+ * registers and are added to dw8 once per map; the input gradient is added to dx8 where each
+ * winner's 5x5 neighbourhood falls. x is (12, 12, 6), g and arg (4, 4, 16), w8 (16, 5, 5, 8);
+ * dx (12, 12, 6) is written, dw8 (16, 5, 5) vectors and db (16) are added to. */
 static TARGET void NAME(backward2_image)(const float *restrict x, const float *restrict g,
                                          const unsigned char *restrict arg,
                                          const v8 *restrict w8, float *restrict dx,
@@ -218,23 +220,43 @@ static TARGET void NAME(backward2_image)(const float *restrict x, const float *r
         x8[at] = value;
         dx8[at] = (v8){0};
     }
-    for (int p = 0; p < 4; p++) {
-        for (int q = 0; q < 4; q++) {
-            for (int o = 0; o < 16; o++) {
-                const int at = (p * 4 + q) * 16 + o;
-                const int k = arg[at];
-                const int i = 2 * p + (k >> 1), j = 2 * q + (k & 1);
-                const float gv = g[at];
-                db[o] += gv;
-                const v8 gs = NAME(splat8)(gv);
-                for (int u = 0; u < K; u++) {
-                    for (int v = 0; v < K; v++) {
-                        const int pixel = (i + u) * 12 + j + v, tap = (o * K + u) * K + v;
-                        dx8[pixel] += gs * w8[tap];
-                        dw8[tap] += gs * x8[pixel];
-                    }
-                }
+    for (int o = 0; o < 16; o++) {
+        int corner[16]; /* each window's winner: the top-left pixel of its 5x5 neighbourhood */
+        v8 gs[16];
+        float bias = 0.0f;
+        for (int p = 0; p < 4; p++) {
+            for (int q = 0; q < 4; q++) {
+                const int at = (p * 4 + q) * 16 + o, k = arg[at];
+                corner[p * 4 + q] = (2 * p + (k >> 1)) * 12 + 2 * q + (k & 1);
+                gs[p * 4 + q] = NAME(splat8)(g[at]);
+                bias += g[at];
             }
+        }
+        db[o] += bias;
+        for (int u = 0; u < K; u++) {
+            const v8 *w = &w8[(o * K + u) * K];
+            const v8 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4];
+            v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0};
+            for (int window = 0; window < 16; window++) {
+                const int at = corner[window] + u * 12;
+                const v8 gv = gs[window];
+                s0 += gv * x8[at];
+                s1 += gv * x8[at + 1];
+                s2 += gv * x8[at + 2];
+                s3 += gv * x8[at + 3];
+                s4 += gv * x8[at + 4];
+                dx8[at] += gv * w0;
+                dx8[at + 1] += gv * w1;
+                dx8[at + 2] += gv * w2;
+                dx8[at + 3] += gv * w3;
+                dx8[at + 4] += gv * w4;
+            }
+            v8 *dw = &dw8[(o * K + u) * K];
+            dw[0] += s0;
+            dw[1] += s1;
+            dw[2] += s2;
+            dw[3] += s3;
+            dw[4] += s4;
         }
     }
     for (int at = 0; at < 12 * 12; at++)
