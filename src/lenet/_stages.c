@@ -219,6 +219,15 @@ static void *run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, int gra
  * Each takes (addresses, count, threads); the addresses are those of contiguous tensors,
  * listed in each entry point's comment. */
 
+/* A forward entry point's body: run fn over the batch; no gradients to write. */
+static PyObject *forward_batch(PyObject *args, int n, ShareFn fn)
+{
+    Py_ssize_t a[MAX_ADDRESSES];
+    if (run_batch(args, a, n, fn, 0) == NULL)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static void forward1_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
 {
     (void)p;
@@ -232,11 +241,8 @@ static void forward1_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, 
  * out (count, 12, 12, 6) and uint8 arg (count, 12, 12, 6). */
 static PyObject *forward1(PyObject *self, PyObject *args)
 {
-    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    if (run_batch(args, a, 5, forward1_share, 0) == NULL)
-        return NULL;
-    Py_RETURN_NONE;
+    return forward_batch(args, 5, forward1_share);
 }
 
 static void backward1_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
@@ -284,11 +290,8 @@ static void conv1_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Par
  * b (6), out (count, 6, 24, 24). */
 static PyObject *conv1_forward(PyObject *self, PyObject *args)
 {
-    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    if (run_batch(args, a, 4, conv1_share, 0) == NULL)
-        return NULL;
-    Py_RETURN_NONE;
+    return forward_batch(args, 4, conv1_share);
 }
 
 static void conv1_grad_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
@@ -321,11 +324,8 @@ static void forward2_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, 
  * w (5, 5, 6, 16), b (16), out (count, 4, 4, 16) and uint8 arg (count, 4, 4, 16). */
 static PyObject *forward2(PyObject *self, PyObject *args)
 {
-    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    if (run_batch(args, a, 5, forward2_share, 0) == NULL)
-        return NULL;
-    Py_RETURN_NONE;
+    return forward_batch(args, 5, forward2_share);
 }
 
 static void backward2_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
