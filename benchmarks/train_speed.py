@@ -221,7 +221,6 @@ def main() -> None:
         f"torch threads per run: {configure_threads(None)}"
     )
     print(f"quick mode: {args.quick}; lenet trains on {device.type}, amp {args.amp}\n")
-    results: dict = {}
     book_epochs = "1" if args.quick else "2"
     same_recipe = {"book_recipe": ["recipe", "lenet", "book", book_epochs, *q, *where]}
     if not on_gpu:
@@ -230,8 +229,7 @@ def main() -> None:
     # The book's loops and lenet's in alternated rounds, each figure the median of its
     # rounds: this machine's speed drifts by 15% and more from one minute to the next, and
     # single runs a few minutes apart put the ratio anywhere from 2.7x to 4x.
-    for key in same_recipe:
-        results[key] = []
+    results: dict = {key: [] for key in same_recipe}
     for _ in range(1 if args.quick else args.rounds):
         for key, task in same_recipe.items():
             results[key].append(run_task(task))

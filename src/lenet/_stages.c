@@ -168,26 +168,27 @@ static void region(void *data)
     run_share(batch, me, team);
 }
 
-/* Parses (addresses, count, threads): a tuple of `n` addresses, the number of images, and how
- * many threads may run them. Then runs fn over the batch with the GIL released. For a backward
- * pass (`gradients`), returns the threads' sums added up in thread order (so one thread count
- * gives the same bits on every run), which the caller frees with free(); else returns `a`
- * itself as a token of success. NULL with a Python error set when it fails. */
-static void *run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, int gradients)
+/* Parses (addresses, count, threads) into `a`: a tuple of `n` addresses, the number of images,
+ * and how many threads may run them. Then runs fn over the batch with the GIL released. For a
+ * backward pass (`total` not NULL), *total receives the threads' sums added up in thread order
+ * (so one thread count gives the same bits on every run), for the caller to free(). Returns 0,
+ * or -1 with a Python error set. */
+static int run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, Partial **total)
 {
+    const int gradients = total != NULL;
     PyObject *addresses;
     Py_ssize_t count;
     int threads;
     if (!PyArg_ParseTuple(args, "O!ni", &PyTuple_Type, &addresses, &count, &threads))
-        return NULL;
+        return -1;
     if (PyTuple_GET_SIZE(addresses) != n) {
         PyErr_Format(PyExc_TypeError, "expected %d addresses", n);
-        return NULL;
+        return -1;
     }
     for (int i = 0; i < n; i++) {
         a[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(addresses, i));
         if (a[i] == -1 && PyErr_Occurred())
-            return NULL;
+            return -1;
     }
     if (gomp_parallel == NULL || threads < 1)
         threads = 1;
@@ -197,8 +198,10 @@ static void *run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, int gra
     if (gradients) {
         /* v8 needs 32-byte alignment; sizeof(Partial) is a multiple of 32. */
         batch.partials = aligned_alloc(32, (size_t)threads * sizeof(Partial));
-        if (batch.partials == NULL)
-            return PyErr_NoMemory();
+        if (batch.partials == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
     }
     Py_BEGIN_ALLOW_THREADS
     if (threads > 1)
@@ -212,7 +215,9 @@ static void *run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, int gra
             batch.partials[0].db[i] += batch.partials[t].db[i];
     }
     Py_END_ALLOW_THREADS
-    return gradients ? (void *)batch.partials : (void *)a;
+    if (gradients)
+        *total = batch.partials;
+    return 0;
 }
 
 /* ---- The entry points ----
@@ -223,7 +228,7 @@ static void *run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, int gra
 static PyObject *forward_batch(PyObject *args, int n, ShareFn fn)
 {
     Py_ssize_t a[MAX_ADDRESSES];
-    if (run_batch(args, a, n, fn, 0) == NULL)
+    if (run_batch(args, a, n, fn, NULL) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -254,14 +259,18 @@ static void backward1_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to,
                            p->db);
 }
 
-/* Writes a backward pass's summed gradients: dw (maps, 25) and db (maps). */
-static PyObject *write_gradients(Partial *total, Py_ssize_t dw, Py_ssize_t db, int maps)
+/* A first-stage backward entry point's body (backward1, conv1_backward): run fn over the
+ * batch, then write the summed gradients to its last two addresses, dw (6, 25) and db (6). */
+static PyObject *first_backward_batch(PyObject *args, int n, ShareFn fn)
 {
-    if (total == NULL)
+    Py_ssize_t a[MAX_ADDRESSES];
+    Partial *total;
+    if (run_batch(args, a, n, fn, &total) < 0)
         return NULL;
-    for (int i = 0; i < maps * TAPS; i++)
-        ((float *)dw)[i] = lane_sum(total->dw8[i]);
-    memcpy((float *)db, total->db, (size_t)maps * sizeof(float));
+    float *dw = (float *)a[n - 2], *db = (float *)a[n - 1];
+    for (int i = 0; i < MAPS * TAPS; i++)
+        dw[i] = lane_sum(total->dw8[i]);
+    memcpy(db, total->db, MAPS * sizeof(float));
     free(total);
     Py_RETURN_NONE;
 }
@@ -271,10 +280,8 @@ static PyObject *write_gradients(Partial *total, Py_ssize_t dw, Py_ssize_t db, i
  * gradients. */
 static PyObject *backward1(PyObject *self, PyObject *args)
 {
-    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    Partial *total = run_batch(args, a, 5, backward1_share, 1); /* fills a first */
-    return write_gradients(total, a[3], a[4], MAPS);
+    return first_backward_batch(args, 5, backward1_share);
 }
 
 static void conv1_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
@@ -305,10 +312,8 @@ static void conv1_grad_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to
  * of the maps; dw (6, 25) and db (6) are overwritten with the weight and bias gradients. */
 static PyObject *conv1_backward(PyObject *self, PyObject *args)
 {
-    Py_ssize_t a[MAX_ADDRESSES];
     (void)self;
-    Partial *total = run_batch(args, a, 4, conv1_grad_share, 1); /* fills a first */
-    return write_gradients(total, a[2], a[3], MAPS);
+    return first_backward_batch(args, 4, conv1_grad_share);
 }
 
 static void forward2_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
@@ -343,9 +348,9 @@ static void backward2_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to,
 static PyObject *backward2(PyObject *self, PyObject *args)
 {
     Py_ssize_t a[MAX_ADDRESSES];
+    Partial *total;
     (void)self;
-    Partial *total = run_batch(args, a, 7, backward2_share, 1);
-    if (total == NULL)
+    if (run_batch(args, a, 7, backward2_share, &total) < 0)
         return NULL;
     float *dw = (float *)a[5];
     for (int tap = 0; tap < 16 * TAPS; tap++)
