@@ -165,10 +165,11 @@ def test_resuming_in_another_memory_layout_continues_the_same_run(
     got = load_file(channels_last.weights)
     for name, tensor in expected.items():
         # The layouts' kernels round differently (BatchNorm of 16 maps runs channels-last in
-        # one), and a dozen Adam steps amplify that to 1.4e-4 of a tensor's largest weight
-        # (measured); moments read in the wrong order moved weights by 0.07.
+        # one), and a dozen Adam steps amplify that to 1.4e-4 to 2.1e-3 of a tensor's largest
+        # weight (measured, as the kernels changed); moments read in the wrong order moved
+        # weights by 0.07, 0.3 of the largest.
         scale = float(tensor.abs().max()) if tensor.is_floating_point() else 0.0
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-3 * scale, msg=name)
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-2 * scale, msg=name)
 
 
 def test_resume_without_a_checkpoint_or_with_a_damaged_one(small_mnist, tmp_path):

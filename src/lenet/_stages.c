@@ -73,15 +73,21 @@ typedef struct {
     void (*forward2)(const float *, const float *, const float *, float *, unsigned char *);
     void (*backward2)(const float *, const float *, const unsigned char *, const v8 *, float *,
                       v8 *, float *);
+    void (*bn1_forward)(const float *, const float *, const float *, float *, unsigned char *,
+                        double *);
+    void (*bn1_backward)(const float *, const float *, const float *, const float *,
+                         const unsigned char *, const float *, v8 *, float *, double *);
 } Kernels;
 
 static const Kernels plain = {"plain", forward_image_plain, backward_image_plain,
                               conv1_image_plain, conv1_grad_image_plain,
-                              forward2_image_plain, backward2_image_plain};
+                              forward2_image_plain, backward2_image_plain,
+                              bn1_forward_image_plain, bn1_backward_image_plain};
 #ifdef HAVE_AVX2_VARIANT
 static const Kernels avx2 = {"avx2", forward_image_avx2, backward_image_avx2,
                              conv1_image_avx2, conv1_grad_image_avx2,
-                             forward2_image_avx2, backward2_image_avx2};
+                             forward2_image_avx2, backward2_image_avx2,
+                             bn1_forward_image_avx2, bn1_backward_image_avx2};
 #endif
 static const Kernels *kernels = &plain;
 
@@ -128,14 +134,18 @@ static void find_openmp(void)
 #endif
 }
 
+/* What lenet-relu's first stage sums over a batch in doubles (bn1_forward_image's moments). */
+#define MOMENTS (2 * MAPS + MAPS * TAPS + TAPS)
+
 /* What one thread adds up over its share of a batch: weight gradients (up to the second
- * stage's 16 x 25 taps, eight lanes each) and bias gradients (up to 16). */
+ * stage's 16 x 25 taps, eight lanes each), bias gradients (up to 16), and sums in doubles. */
 typedef struct {
     v8 dw8[16 * TAPS];
     float db[16];
+    double moments[MOMENTS];
 } Partial;
 
-#define MAX_ADDRESSES 7
+#define MAX_ADDRESSES 9
 
 /* One entry point's work on the images [from, to) of a batch; a backward pass adds its
  * gradients to `partial` (NULL for a forward pass). `a` holds the entry point's addresses. */
@@ -213,6 +223,8 @@ static int run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, Partial *
             batch.partials[0].dw8[i] += batch.partials[t].dw8[i];
         for (int i = 0; i < 16; i++)
             batch.partials[0].db[i] += batch.partials[t].db[i];
+        for (int i = 0; i < MOMENTS; i++)
+            batch.partials[0].moments[i] += batch.partials[t].moments[i];
     }
     Py_END_ALLOW_THREADS
     if (gradients)
@@ -361,6 +373,62 @@ static PyObject *backward2(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static void bn1_forward_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->bn1_forward((const float *)a[0] + n * SIDE * SIDE, (const float *)a[1],
+                             (const float *)a[2], (float *)a[3] + n * POOLED * POOLED * MAPS,
+                             (unsigned char *)a[4] + n * POOLED * POOLED * MAPS, p->moments);
+}
+
+/* bn1_forward((x, w, gamma, picked, arg, moments), count, threads): lenet-relu's first stage
+ * in training, before the batch's statistics are known: float32 x (count, 28, 28), w (6, 25),
+ * BatchNorm's gamma (6); written: picked (count, 12, 12, 6), each window's largest convolution
+ * output (smallest where gamma < 0), uint8 arg (count, 12, 12, 6), which pixel it was, and
+ * float64 moments (187), the batch's sums (bn1_forward_image lists them). */
+static PyObject *bn1_forward(PyObject *self, PyObject *args)
+{
+    Py_ssize_t a[MAX_ADDRESSES];
+    Partial *total;
+    (void)self;
+    if (run_batch(args, a, 6, bn1_forward_share, &total) < 0)
+        return NULL;
+    memcpy((double *)a[5], total->moments, MOMENTS * sizeof(double));
+    free(total);
+    Py_RETURN_NONE;
+}
+
+static void bn1_backward_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    const Py_ssize_t size = POOLED * POOLED * MAPS;
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->bn1_backward((const float *)a[0] + n * SIDE * SIDE, (const float *)a[1] + n * size,
+                              (const float *)a[2] + n * size, (const float *)a[3] + n * size,
+                              (const unsigned char *)a[4] + n * size, (const float *)a[5],
+                              p->dw8, p->db, p->moments);
+}
+
+/* bn1_backward((x, g, out, picked, arg, centre, dw, db, weighted), count, threads): g float32
+ * (count, 12, 12, 6), the gradient of the stage's output out; picked and arg from bn1_forward;
+ * centre (12): the batch's 6 means, then its 6 inverse sigmas. Written: dw (6, 25), the weight
+ * gradient of the winners' gradients alone, db (6), their sum per map, and float64 weighted
+ * (6), their sum weighted by the winners' normalised values. */
+static PyObject *bn1_backward(PyObject *self, PyObject *args)
+{
+    Py_ssize_t a[MAX_ADDRESSES];
+    Partial *total;
+    (void)self;
+    if (run_batch(args, a, 9, bn1_backward_share, &total) < 0)
+        return NULL;
+    float *dw = (float *)a[6];
+    for (int i = 0; i < MAPS * TAPS; i++)
+        dw[i] = lane_sum(total->dw8[i]);
+    memcpy((float *)a[7], total->db, MAPS * sizeof(float));
+    memcpy((double *)a[8], total->moments, MAPS * sizeof(double));
+    free(total);
+    Py_RETURN_NONE;
+}
+
 /* openmp(): the name of the OpenMP runtime whose threads run the batches, or None when one
  * thread runs them all. */
 static PyObject *openmp(PyObject *self, PyObject *unused)
@@ -411,6 +479,8 @@ static PyMethodDef methods[] = {
     {"conv1_backward", conv1_backward, METH_VARARGS, "The first convolution's gradients."},
     {"forward2", forward2, METH_VARARGS, "The second stage's pooled maps and each window's winner."},
     {"backward2", backward2, METH_VARARGS, "The second stage's input, weight and bias gradients."},
+    {"bn1_forward", bn1_forward, METH_VARARGS, "lenet-relu's first stage: pooled maps and sums."},
+    {"bn1_backward", bn1_backward, METH_VARARGS, "lenet-relu's first stage: sums of gradients."},
     {"openmp", openmp, METH_NOARGS, "The OpenMP runtime whose threads run batches, or None."},
     {NULL, NULL, 0, NULL},
 };

@@ -263,3 +263,95 @@ static TARGET void NAME(backward2_image)(const float *restrict x, const float *r
         for (int c = 0; c < 6; c++)
             dx[at * 6 + c] = dx8[at][c];
 }
+
+/* lenet-relu's first stage in training: Conv2d(1, 6, 5) without bias, BatchNorm on the
+ * batch's statistics, ReLU, MaxPool2d(2, 2), for one image. The statistics need the whole
+ * batch before any map can be normalised, so the maps are not kept. BatchNorm scales each map
+ * by gamma / sigma with sigma > 0, so a window's largest normalised pixel is its largest
+ * convolution output where gamma >= 0 and its smallest where gamma < 0: that one is pooled
+ * at once into picked (12, 12, 6), with which pixel it was into arg. Added to `moments`
+ * (doubles) is what the batch's statistics and the backward pass need from the maps:
+ *   [0, 6) each map's sum and [6, 12) its sum of squares;
+ *   [12, 162) each map's sum of output times input under each tap, (6, 25);
+ *   [162, 187) the input's sum under each tap, (25). */
+static TARGET void NAME(bn1_forward_image)(const float *restrict x, const float *restrict w,
+                                           const float *restrict gamma, float *restrict picked,
+                                           unsigned char *restrict arg, double *restrict moments)
+{
+    static const float no_bias[MAPS] = {0};
+    float conv[MAPS][CONV][CONV];
+    NAME(conv1_image)(x, w, no_bias, &conv[0][0][0]);
+    /* A map against the input under each tap is the weight gradient the map would give as
+     * its own gradient; the same kernel computes it (and the map's sum, as its "bias"). */
+    v8 cross[MAPS * TAPS];
+    float sums[MAPS] = {0};
+    memset(cross, 0, sizeof cross);
+    NAME(conv1_grad_image)(x, &conv[0][0][0], cross, sums);
+    for (int c = 0; c < MAPS; c++) {
+        v8 squares = {0};
+        for (int at = 0; at < CONV * CONV; at += 8) {
+            const v8 v = NAME(load8)(&conv[c][0][0] + at);
+            squares += v * v;
+        }
+        moments[c] += sums[c];
+        moments[MAPS + c] += lane_sum(squares);
+    }
+    for (int i = 0; i < MAPS * TAPS; i++)
+        moments[2 * MAPS + i] += lane_sum(cross[i]);
+    for (int u = 0; u < K; u++) {
+        v8 under[K] = {0};
+        for (int i = 0; i < CONV; i++) {
+            const float *xr = x + (i + u) * SIDE;
+            for (int v = 0; v < K; v++)
+                under[v] += NAME(load8)(xr + v) + NAME(load8)(xr + v + 8) +
+                            NAME(load8)(xr + v + 16);
+        }
+        for (int v = 0; v < K; v++)
+            moments[2 * MAPS + MAPS * TAPS + u * K + v] += lane_sum(under[v]);
+    }
+    for (int c = 0; c < MAPS; c++) {
+        /* The smallest of a window is the largest of its negatives. */
+        const v8 sign = NAME(splat8)(gamma[c] < 0.0f ? -1.0f : 1.0f);
+        for (int p = 0; p < POOLED; p++) {
+            const float *top = conv[c][2 * p], *bottom = conv[c][2 * p + 1];
+            v8 best[2];
+            v8i k[2];
+            NAME(pool_row)(sign * NAME(load8)(top), sign * NAME(load8)(top + 8),
+                           sign * NAME(load8)(bottom), sign * NAME(load8)(bottom + 8), &best[0],
+                           &k[0]);
+            const v8 top2 = sign * NAME(load8)(top + 16), bottom2 = sign * NAME(load8)(bottom + 16);
+            NAME(pool_row)(top2, top2, bottom2, bottom2, &best[1], &k[1]);
+            for (int q = 0; q < POOLED; q++) {
+                picked[(p * POOLED + q) * MAPS + c] = sign[0] * best[q >> 3][q & 7];
+                arg[(p * POOLED + q) * MAPS + c] = (unsigned char)k[q >> 3][q & 7];
+            }
+        }
+    }
+}
+
+/* The same stage's backward pass for one image: g (12, 12, 6) is the gradient of its output
+ * out (12, 12, 6), which passes the ReLU where out > 0 and lands on each window's winner
+ * (arg). Added: the weight gradient those winners alone would give (dw8, eight lanes per
+ * tap), their gradient's sum per map (db), and that sum weighted by each winner's normalised
+ * value, (picked - mean) * inverse_sigma (centre: the 6 means, then the 6 inverse sigmas),
+ * per map (weighted). The rest of BatchNorm's backward pass needs only sums over the batch. */
+static TARGET void NAME(bn1_backward_image)(const float *restrict x, const float *restrict g,
+                                            const float *restrict out,
+                                            const float *restrict picked,
+                                            const unsigned char *restrict arg,
+                                            const float *restrict centre, v8 *restrict dw8,
+                                            float *restrict db, double *restrict weighted)
+{
+    float passed[POOLED * POOLED * MAPS];
+    float products[MAPS] = {0};
+    for (int at = 0; at < POOLED * POOLED * MAPS; at += MAPS)
+        for (int c = 0; c < MAPS; c++) {
+            /* As PyTorch's ReLU: no gradient where out <= 0 (NaN passes it). */
+            const float dy = out[at + c] <= 0.0f ? 0.0f : g[at + c];
+            passed[at + c] = dy;
+            products[c] += dy * ((picked[at + c] - centre[c]) * centre[MAPS + c]);
+        }
+    for (int c = 0; c < MAPS; c++)
+        weighted[c] += products[c];
+    NAME(backward_image)(x, passed, arg, dw8, db);
+}

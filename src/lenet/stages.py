@@ -18,10 +18,14 @@ step at batch 256 on 2 cores, and sharing brought the step from 18.2 to 11.0 ms
 (benchmarks/train_step.py, a Zen 1 machine). A thread count gives the same bits on every run;
 another count adds the weight gradients' shares in another order.
 
-lenet-relu's first convolution is followed by BatchNorm, not by the pooling, so it gets the
-first stage's convolution alone (``conv1``): its six maps written contiguous, as BatchNorm of
-six maps runs fastest, with none of the layout copies PyTorch's channels-last convolution
-needed (3.5 of 22 ms a step at batch 256).
+lenet-relu's first stage puts BatchNorm and ReLU between the convolution and the pooling.
+In training it runs as one kernel too (``normalised_first``): BatchNorm's batch statistics and
+everything its backward pass needs are sums gathered while each image's maps are made and
+pooled, so no 24x24 map is stored or given a gradient (a lenet-relu step at batch 256 went
+from 24 to 15 ms, benchmarks/train_step.py on a Sapphire Rapids machine). Evaluated, on
+BatchNorm's running statistics, it gets the first stage's convolution alone (``conv1``): its
+six maps written contiguous, as BatchNorm of six maps runs fastest, with none of the layout
+copies PyTorch's channels-last convolution needed.
 
 They are optional: where they were not built, or for inputs they do not cover (not float32 on
 the CPU, other shapes, bf16 autocast), `LeNet.training_forward` runs PyTorch's kernels.
@@ -212,6 +216,119 @@ class _Conv1(torch.autograd.Function):
         grad_bias = torch.empty(6)
         _run(_kernels.conv1_backward, x, grad, grad_weight, grad_bias)
         return None, grad_weight, grad_bias if ctx.has_bias else None
+
+
+# What bn1_forward sums over a batch (float64), in order: each map's sum, its sum of squares,
+# its sum of output times input under each tap (6, 25), and the input's sum under each tap.
+_SUMS, _SQUARES, _CROSS, _UNDER = slice(0, 6), slice(6, 12), slice(12, 162), slice(162, 187)
+
+
+class _NormalisedFirst(torch.autograd.Function):
+    """relu(max_pool2d(batch_norm(conv(x)), 2, 2)) in training, batch statistics and all.
+
+    The forward pass pools each map as soon as it is made (picking the window's largest or
+    smallest convolution output by gamma's sign: BatchNorm scales a map by gamma / sigma), so
+    no 24x24 map is stored; the batch's statistics come from sums gathered on the way. In the
+    backward pass BatchNorm's input gradient is dense, (gamma / sigma) (dy - mean(dy) - xhat
+    mean(dy xhat)) with dy the winners' gradients, but the weight gradient it gives is the
+    winners' term alone minus two terms made of batch sums: mean(dy) times the input's sum
+    under each tap, and mean(dy xhat) / sigma times each map's sum of (output - mean) times
+    the input under each tap. So no dense gradient is made either.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        norm: nn.BatchNorm2d,
+    ) -> torch.Tensor:
+        count = x.shape[0]
+        x = x.detach().contiguous()
+        taps = weight.detach().reshape(6, 25).contiguous()
+        gamma, beta = gamma.detach().contiguous(), beta.detach()
+        picked = torch.empty((count, 12, 12, 6))
+        winner = torch.empty((count, 12, 12, 6), dtype=torch.uint8)
+        sums = torch.empty(187, dtype=torch.float64)
+        _run(_kernels.bn1_forward, x, taps, gamma, picked, winner, sums)
+        positions = count * 24 * 24
+        mean = sums[_SUMS] / positions
+        variance = (sums[_SQUARES] / positions - mean * mean).clamp_(min=0)
+        _update_running_stats(norm, mean, variance * (positions / max(positions - 1, 1)))
+        inverse_sigma = (variance + norm.eps).rsqrt()
+        scale = (gamma.double() * inverse_sigma).float()
+        shift = beta - scale * mean.float()
+        out = torch.addcmul(shift, picked, scale).relu_()
+        ctx.save_for_backward(x, picked, winner, out, gamma)
+        ctx.sums, ctx.mean, ctx.inverse_sigma = sums, mean, inverse_sigma
+        # (N, 6, 12, 12) in channels-last memory, the layout the second convolution takes.
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[None, torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        x, picked, winner, out, gamma = ctx.saved_tensors
+        sums, mean, inverse_sigma = ctx.sums, ctx.mean, ctx.inverse_sigma
+        grad = grad.permute(0, 2, 3, 1).contiguous()  # no copy when channels-last already
+        centre = torch.cat([mean, inverse_sigma]).float()
+        winners_dw = torch.empty((6, 25))
+        dy_sum = torch.empty(6)
+        dy_xhat_sum = torch.empty(6, dtype=torch.float64)
+        _run(
+            _kernels.bn1_backward,
+            x, grad, out, picked, winner, centre, winners_dw, dy_sum, dy_xhat_sum,
+        )  # fmt: skip
+        positions = x.shape[0] * 24 * 24
+        under = sums[_UNDER]
+        centred_cross = sums[_CROSS].view(6, 25) - mean[:, None] * under
+        dw = (gamma.double() * inverse_sigma)[:, None] * (
+            winners_dw.double()
+            - (dy_sum.double() / positions)[:, None] * under
+            - (dy_xhat_sum * inverse_sigma / positions)[:, None] * centred_cross
+        )
+        return None, dw.float().view(6, 1, 5, 5), dy_xhat_sum.float(), dy_sum, None
+
+
+def _update_running_stats(
+    norm: nn.BatchNorm2d, mean: torch.Tensor, unbiased_variance: torch.Tensor
+) -> None:
+    """What BatchNorm's training forward does to its running statistics."""
+    norm.num_batches_tracked.add_(1)
+    momentum = norm.momentum
+    if momentum is None:  # a cumulative average
+        momentum = 1.0 / float(norm.num_batches_tracked)
+    norm.running_mean.mul_(1 - momentum).add_(mean.float(), alpha=momentum)
+    norm.running_var.mul_(1 - momentum).add_(unbiased_variance.float(), alpha=momentum)
+
+
+def normalised_first_covers(
+    x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module, relu: nn.Module, pool: nn.Module
+) -> bool:
+    """Whether ``normalised_first`` can run: lenet-relu's first stage (a 5x5 convolution from
+    one 28x28 map to 6 without bias, BatchNorm2d in training with running statistics, ReLU,
+    2x2 max-pooling), float32 on the CPU, for an input that needs no gradient."""
+    return (
+        not x.requires_grad
+        and conv.bias is None
+        and type(norm) is nn.BatchNorm2d
+        and norm.training
+        and norm.affine
+        and norm.track_running_stats
+        and norm.weight.dtype == torch.float32
+        and type(relu) is nn.ReLU
+        and type(pool) is nn.MaxPool2d
+        and _plain_2x2(pool)
+        and _conv_covers(x, conv, maps=1, side=28, out=6)
+    )
+
+
+def normalised_first(x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> torch.Tensor:
+    """``relu(pool(norm(conv(x))))`` for lenet-relu's first stage in training, running
+    statistics updated as ``norm`` would; only where ``normalised_first_covers``."""
+    return _NormalisedFirst.apply(x, conv.weight, norm.weight, norm.bias, norm)
 
 
 def conv1_covers(x: torch.Tensor, conv: nn.Conv2d) -> bool:
