@@ -77,17 +77,27 @@ typedef struct {
                         double *);
     void (*bn1_backward)(const float *, const float *, const float *, const float *,
                          const unsigned char *, const float *, v8 *, float *, double *);
+    void (*bn_pool_forward)(const float *, int, int, int, const float *, float *,
+                            unsigned char *, double *);
+    void (*bn_pool_sums)(const float *, const float *, const float *, int, int, const float *,
+                         double *);
+    void (*bn_pool_backward)(const float *, int, int, int, const float *, const float *,
+                             const unsigned char *, const float *, float *);
 } Kernels;
 
 static const Kernels plain = {"plain", forward_image_plain, backward_image_plain,
                               conv1_image_plain, conv1_grad_image_plain,
                               forward2_image_plain, backward2_image_plain,
-                              bn1_forward_image_plain, bn1_backward_image_plain};
+                              bn1_forward_image_plain, bn1_backward_image_plain,
+                              bn_pool_forward_image_plain, bn_pool_sums_image_plain,
+                              bn_pool_backward_image_plain};
 #ifdef HAVE_AVX2_VARIANT
 static const Kernels avx2 = {"avx2", forward_image_avx2, backward_image_avx2,
                              conv1_image_avx2, conv1_grad_image_avx2,
                              forward2_image_avx2, backward2_image_avx2,
-                             bn1_forward_image_avx2, bn1_backward_image_avx2};
+                             bn1_forward_image_avx2, bn1_backward_image_avx2,
+                             bn_pool_forward_image_avx2, bn_pool_sums_image_avx2,
+                             bn_pool_backward_image_avx2};
 #endif
 static const Kernels *kernels = &plain;
 
@@ -429,6 +439,109 @@ static PyObject *bn1_backward(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The BatchNorm-ReLU-pooling entry points take their sizes at the end of the addresses tuple
+ * (they are numbers too): the convolution's output height and width, or the pooled pixels of
+ * an image, and the maps, a multiple of eight up to MOMENTS / 2. */
+static int maps_fit(PyObject *args, Py_ssize_t index)
+{
+    PyObject *addresses;
+    Py_ssize_t count;
+    int threads;
+    if (!PyArg_ParseTuple(args, "O!ni", &PyTuple_Type, &addresses, &count, &threads))
+        return 0;
+    if (PyTuple_GET_SIZE(addresses) <= index) {
+        PyErr_SetString(PyExc_TypeError, "too few addresses and sizes");
+        return 0;
+    }
+    const Py_ssize_t maps = PyLong_AsSsize_t(PyTuple_GET_ITEM(addresses, index));
+    if (maps == -1 && PyErr_Occurred())
+        return 0;
+    if (maps < 8 || maps % 8 != 0 || 2 * maps > MOMENTS) {
+        PyErr_Format(PyExc_ValueError, "%zd maps: the kernels take a multiple of 8 up to %d",
+                     maps, MOMENTS / 2);
+        return 0;
+    }
+    return 1;
+}
+
+static void bn_pool_forward_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to,
+                                  Partial *p)
+{
+    const int height = (int)a[5], width = (int)a[6], maps = (int)a[7];
+    const Py_ssize_t size = (Py_ssize_t)height * width * maps, pooled = size / 4;
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->bn_pool_forward((const float *)a[0] + n * size, height, width, maps,
+                                 (const float *)a[1], (float *)a[2] + n * pooled,
+                                 (unsigned char *)a[3] + n * pooled, p->moments);
+}
+
+/* bn_pool_forward((conv, gamma, picked, arg, sums, height, width, maps), count, threads):
+ * float32 conv (count, height, width, maps), the convolution's output in channels-last order,
+ * gamma (maps); written: picked (count, height / 2, width / 2, maps), each window's largest
+ * output (smallest where gamma < 0), uint8 arg of the same shape, which pixel it was, and
+ * float64 sums (2 maps): each map's sum over the batch, then its sum of squares. */
+static PyObject *bn_pool_forward(PyObject *self, PyObject *args)
+{
+    Py_ssize_t a[MAX_ADDRESSES];
+    Partial *total;
+    (void)self;
+    if (!maps_fit(args, 7) || run_batch(args, a, 8, bn_pool_forward_share, &total) < 0)
+        return NULL;
+    memcpy((double *)a[4], total->moments, 2 * a[7] * sizeof(double));
+    free(total);
+    Py_RETURN_NONE;
+}
+
+static void bn_pool_sums_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    const int pooled = (int)a[5], maps = (int)a[6];
+    const Py_ssize_t size = (Py_ssize_t)pooled * maps;
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->bn_pool_sums((const float *)a[0] + n * size, (const float *)a[1] + n * size,
+                              (const float *)a[2] + n * size, pooled, maps, (const float *)a[3],
+                              p->moments);
+}
+
+/* bn_pool_sums((g, out, picked, centre, sums, pooled, maps), count, threads): g float32, the
+ * gradient of the stage's output out, and picked, all (count, pooled pixels, maps); centre
+ * (2 maps): the batch's means, then its inverse sigmas. Written: float64 sums (2 maps), the
+ * gradient's sum per map where it passes the ReLU, then that sum weighted by the winners'
+ * normalised values. */
+static PyObject *bn_pool_sums(PyObject *self, PyObject *args)
+{
+    Py_ssize_t a[MAX_ADDRESSES];
+    Partial *total;
+    (void)self;
+    if (!maps_fit(args, 6) || run_batch(args, a, 7, bn_pool_sums_share, &total) < 0)
+        return NULL;
+    memcpy((double *)a[4], total->moments, 2 * a[6] * sizeof(double));
+    free(total);
+    Py_RETURN_NONE;
+}
+
+static void bn_pool_backward_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to,
+                                   Partial *p)
+{
+    (void)p;
+    const int height = (int)a[6], width = (int)a[7], maps = (int)a[8];
+    const Py_ssize_t size = (Py_ssize_t)height * width * maps, pooled = size / 4;
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->bn_pool_backward((const float *)a[0] + n * size, height, width, maps,
+                                  (const float *)a[1] + n * pooled,
+                                  (const float *)a[2] + n * pooled,
+                                  (const unsigned char *)a[3] + n * pooled, (const float *)a[4],
+                                  (float *)a[5] + n * size);
+}
+
+/* bn_pool_backward((conv, g, out, arg, coefficients, dconv, height, width, maps), count,
+ * threads): conv, g, out and arg as above; coefficients (4 maps) as bn_pool_backward_image
+ * lists them. Written: dconv (count, height, width, maps), the gradient of conv. */
+static PyObject *bn_pool_backward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return forward_batch(args, 9, bn_pool_backward_share);
+}
+
 /* openmp(): the name of the OpenMP runtime whose threads run the batches, or None when one
  * thread runs them all. */
 static PyObject *openmp(PyObject *self, PyObject *unused)
@@ -481,6 +594,9 @@ static PyMethodDef methods[] = {
     {"backward2", backward2, METH_VARARGS, "The second stage's input, weight and bias gradients."},
     {"bn1_forward", bn1_forward, METH_VARARGS, "lenet-relu's first stage: pooled maps and sums."},
     {"bn1_backward", bn1_backward, METH_VARARGS, "lenet-relu's first stage: sums of gradients."},
+    {"bn_pool_forward", bn_pool_forward, METH_VARARGS, "BatchNorm-ReLU-pooling: picks and sums."},
+    {"bn_pool_sums", bn_pool_sums, METH_VARARGS, "BatchNorm-ReLU-pooling: gradient sums."},
+    {"bn_pool_backward", bn_pool_backward, METH_VARARGS, "BatchNorm-ReLU-pooling: dconv."},
     {"openmp", openmp, METH_NOARGS, "The OpenMP runtime whose threads run batches, or None."},
     {NULL, NULL, 0, NULL},
 };

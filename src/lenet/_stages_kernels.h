@@ -355,3 +355,112 @@ static TARGET void NAME(bn1_backward_image)(const float *restrict x, const float
         weighted[c] += products[c];
     NAME(backward_image)(x, passed, arg, dw8, db);
 }
+
+/* BatchNorm on the batch's statistics, ReLU and 2x2 max-pooling after a convolution PyTorch
+ * made (lenet-relu's second stage, both of lenet-plus's), for one image: conv is its
+ * (height, width, maps) output in channels-last order, maps a multiple of eight. As for the
+ * first stage, each window's largest output is pooled where gamma >= 0 and its smallest where
+ * gamma < 0, into picked (height / 2, width / 2, maps), with which pixel into arg; each map's
+ * sum and sum of squares are added to sums[0, maps) and sums[maps, 2 maps). */
+static TARGET void NAME(bn_pool_forward_image)(const float *restrict conv, int height, int width,
+                                               int maps, const float *restrict gamma,
+                                               float *restrict picked,
+                                               unsigned char *restrict arg,
+                                               double *restrict sums)
+{
+    const int row = width * maps;
+    for (int c = 0; c < maps; c += 8) {
+        const v8 g = NAME(load8)(gamma + c);
+        const v8 sign = NAME(select8)(g < 0.0f, NAME(splat8)(-1.0f), NAME(splat8)(1.0f));
+        v8 total = {0}, squares = {0};
+        for (int p = 0; p < height / 2; p++) {
+            for (int q = 0; q < width / 2; q++) {
+                const float *at = conv + 2 * p * row + 2 * q * maps + c;
+                v8 cand[4] = {NAME(load8)(at), NAME(load8)(at + maps), NAME(load8)(at + row),
+                              NAME(load8)(at + row + maps)};
+                for (int i = 0; i < 4; i++) {
+                    total += cand[i];
+                    squares += cand[i] * cand[i];
+                    cand[i] *= sign; /* the smallest of a window is the largest of its negatives */
+                }
+                v8 best;
+                v8i k;
+                NAME(first_max4)(cand, &best, &k);
+                const int out = (p * (width / 2) + q) * maps + c;
+                best *= sign;
+                memcpy(picked + out, &best, sizeof best);
+                for (int l = 0; l < 8; l++)
+                    arg[out + l] = (unsigned char)k[l];
+            }
+        }
+        for (int l = 0; l < 8; l++) {
+            sums[c + l] += total[l];
+            sums[maps + c + l] += squares[l];
+        }
+    }
+}
+
+/* The same stage's backward pass, first half, for one image: g, the gradient of the stage's
+ * output out (both (height / 2, width / 2, maps)), passes the ReLU where out > 0 and lands on
+ * the windows' winners. Added to sums: its sum per map [0, maps), and that sum weighted by
+ * the winners' normalised values [maps, 2 maps): (picked - mean) * inverse_sigma, from
+ * centre (the means, then the inverse sigmas). */
+static TARGET void NAME(bn_pool_sums_image)(const float *restrict g, const float *restrict out,
+                                            const float *restrict picked, int pooled, int maps,
+                                            const float *restrict centre,
+                                            double *restrict sums)
+{
+    for (int c = 0; c < maps; c += 8) {
+        const v8 mean = NAME(load8)(centre + c), inverse = NAME(load8)(centre + maps + c);
+        v8 total = {0}, weighted = {0};
+        for (int at = c; at < pooled * maps; at += maps) {
+            /* As PyTorch's ReLU: no gradient where out <= 0 (NaN passes it). */
+            const v8 dy = NAME(select8)(NAME(load8)(out + at) <= 0.0f, (v8){0}, NAME(load8)(g + at));
+            total += dy;
+            weighted += dy * ((NAME(load8)(picked + at) - mean) * inverse);
+        }
+        for (int l = 0; l < 8; l++) {
+            sums[c + l] += total[l];
+            sums[maps + c + l] += weighted[l];
+        }
+    }
+}
+
+/* Second half: the gradient of the convolution's output, dconv (height, width, maps),
+ * written whole. BatchNorm's backward pass gives every pixel
+ *   scale * dy - shift - slope * (conv - mean)
+ * with dy the gradient that reached it (only winners have one): coefficients holds scale
+ * (gamma * inverse_sigma), shift (scale * mean(dy)), slope (scale * inverse_sigma *
+ * mean(dy * xhat)) and the mean, maps floats each. */
+static TARGET void NAME(bn_pool_backward_image)(const float *restrict conv, int height, int width,
+                                                int maps, const float *restrict g,
+                                                const float *restrict out,
+                                                const unsigned char *restrict arg,
+                                                const float *restrict coefficients,
+                                                float *restrict dconv)
+{
+    const int row = width * maps;
+    for (int c = 0; c < maps; c += 8) {
+        const v8 scale = NAME(load8)(coefficients + c);
+        const v8 shift = NAME(load8)(coefficients + maps + c);
+        const v8 slope = NAME(load8)(coefficients + 2 * maps + c);
+        const v8 mean = NAME(load8)(coefficients + 3 * maps + c);
+        for (int p = 0; p < height / 2; p++) {
+            for (int q = 0; q < width / 2; q++) {
+                const int pooled = (p * (width / 2) + q) * maps + c;
+                const v8 dy = scale * NAME(select8)(NAME(load8)(out + pooled) <= 0.0f, (v8){0},
+                                                    NAME(load8)(g + pooled));
+                v8i k = {0};
+                for (int l = 0; l < 8; l++)
+                    k[l] = arg[pooled + l];
+                for (int i = 0; i < 4; i++) {
+                    const int at = (2 * p + (i >> 1)) * row + (2 * q + (i & 1)) * maps + c;
+                    const v8 value = NAME(load8)(conv + at);
+                    v8 grad = -shift - slope * (value - mean);
+                    grad += NAME(select8)(k == i, dy, (v8){0});
+                    memcpy(dconv + at, &grad, sizeof grad);
+                }
+            }
+        }
+    }
+}

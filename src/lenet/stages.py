@@ -130,11 +130,12 @@ def openmp() -> str | None:
     return None if _kernels is None else _kernels.openmp()
 
 
-def _run(kernel: Any, first: torch.Tensor, *rest: torch.Tensor) -> None:
+def _run(kernel: Any, first: torch.Tensor, *rest: torch.Tensor | int) -> None:
     """One kernel over a batch (``first``'s leading dimension), on as many threads as PyTorch
-    uses; every tensor contiguous, on the CPU."""
-    tensors = (first, *rest)
-    kernel(tuple(t.data_ptr() for t in tensors), first.shape[0], torch.get_num_threads())
+    uses; every tensor contiguous, on the CPU. Numbers among them (sizes) go as they are."""
+    given = (first, *rest)
+    numbers = tuple(t if isinstance(t, int) else t.data_ptr() for t in given)
+    kernel(numbers, first.shape[0], torch.get_num_threads())
 
 
 class _First(torch.autograd.Function):
@@ -304,6 +305,143 @@ def _update_running_stats(
     norm.running_var.mul_(1 - momentum).add_(unbiased_variance.float(), alpha=momentum)
 
 
+class _Normalised(torch.autograd.Function):
+    """relu(max_pool2d(batch_norm(conv(x)), 2, 2)) in training, for a convolution PyTorch runs.
+
+    The same idea as ``_NormalisedFirst`` after the convolution: the pooling picks by gamma's
+    sign and the batch's sums come out of the same pass over the maps; backward, the
+    convolution's output gets BatchNorm's whole gradient in one pass, and PyTorch's
+    convolution backward takes it from there. This replaces BatchNorm's, the ReLU's and the
+    pooling's forward and backward passes, and the zero-filled gradient the pooling scatters
+    into.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        norm: nn.BatchNorm2d,
+        conv: nn.Conv2d,
+    ) -> torch.Tensor:
+        made = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        count, maps, height, width = made.shape
+        made = made.permute(0, 2, 3, 1).contiguous()  # no copy when channels-last already
+        gamma, beta = gamma.detach().contiguous(), beta.detach()
+        picked = torch.empty((count, height // 2, width // 2, maps))
+        winner = torch.empty((count, height // 2, width // 2, maps), dtype=torch.uint8)
+        sums = torch.empty(2 * maps, dtype=torch.float64)
+        _run(_kernels.bn_pool_forward, made, gamma, picked, winner, sums, height, width, maps)
+        positions = count * height * width
+        mean = sums[:maps] / positions
+        variance = (sums[maps:] / positions - mean * mean).clamp_(min=0)
+        _update_running_stats(norm, mean, variance * (positions / max(positions - 1, 1)))
+        inverse_sigma = (variance + norm.eps).rsqrt()
+        scale = (gamma.double() * inverse_sigma).float()
+        out = torch.addcmul(beta - scale * mean.float(), picked, scale).relu_()
+        ctx.save_for_backward(x, weight, made, picked, winner, out, gamma)
+        ctx.mean, ctx.inverse_sigma, ctx.conv = mean, inverse_sigma, conv
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, made, picked, winner, out, gamma = ctx.saved_tensors
+        mean, inverse_sigma, conv = ctx.mean, ctx.inverse_sigma, ctx.conv
+        count, height, width, maps = made.shape
+        grad = grad.permute(0, 2, 3, 1).contiguous()
+        centre = torch.cat([mean, inverse_sigma]).float()
+        sums = torch.empty(2 * maps, dtype=torch.float64)
+        pooled = (height // 2) * (width // 2)
+        _run(_kernels.bn_pool_sums, grad, out, picked, centre, sums, pooled, maps)
+        dy_sum, dy_xhat_sum = sums[:maps], sums[maps:]
+        positions = count * height * width
+        scale = gamma.double() * inverse_sigma
+        coefficients = torch.cat(
+            [
+                scale,
+                scale * dy_sum / positions,
+                scale * inverse_sigma * dy_xhat_sum / positions,
+                mean,
+            ]
+        ).float()
+        dmade = torch.empty_like(made)
+        _run(
+            _kernels.bn_pool_backward,
+            made, grad, out, winner, coefficients, dmade, height, width, maps,
+        )  # fmt: skip
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            dmade.permute(0, 3, 1, 2),
+            x,
+            weight,
+            None,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            False,
+            [0, 0],
+            conv.groups,
+            [ctx.needs_input_grad[0], True, False],
+        )
+        return grad_x, grad_weight, dy_xhat_sum.float(), dy_sum.float(), None, None
+
+
+# bn_pool_forward's sums hold two doubles a map in a thread's partial sums (_stages.c).
+_MOST_NORMALISED_MAPS = 64
+
+
+def _normalisation_covers(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
+    """BatchNorm2d in training with running statistics, then ReLU, then 2x2 max-pooling."""
+    return (
+        type(norm) is nn.BatchNorm2d
+        and norm.training
+        and norm.affine
+        and norm.track_running_stats
+        and norm.weight.dtype == torch.float32
+        and type(relu) is nn.ReLU
+        and type(pool) is nn.MaxPool2d
+        and _plain_2x2(pool)
+    )
+
+
+def normalised_covers(
+    x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module, relu: nn.Module, pool: nn.Module
+) -> bool:
+    """Whether ``normalised`` can run: a convolution without bias into 8, 16, ... 64 maps of
+    even sides, then BatchNorm2d in training, ReLU and 2x2 max-pooling; float32 on the CPU."""
+    weight = conv.weight
+    if not (
+        available()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and conv.bias is None
+        and isinstance(conv.padding, tuple)  # not "same" or "valid"
+        and conv.padding_mode == "zeros"
+        and conv.out_channels % 8 == 0
+        and conv.out_channels <= _MOST_NORMALISED_MAPS
+        and _normalisation_covers(norm, relu, pool)
+        and not _autocast_on()
+    ):
+        return False
+    sides = [
+        (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+        for size, pad, dilation, kernel, stride in zip(
+            x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride
+        )
+    ]
+    return all(side > 0 and side % 2 == 0 for side in sides)
+
+
+def normalised(x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> torch.Tensor:
+    """``relu(pool(norm(conv(x))))`` in training, running statistics updated as ``norm``
+    would; only where ``normalised_covers``. Fastest with ``x`` and the weight channels-last."""
+    return _Normalised.apply(x, conv.weight, norm.weight, norm.bias, norm, conv)
+
+
 def normalised_first_covers(
     x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module, relu: nn.Module, pool: nn.Module
 ) -> bool:
@@ -313,14 +451,7 @@ def normalised_first_covers(
     return (
         not x.requires_grad
         and conv.bias is None
-        and type(norm) is nn.BatchNorm2d
-        and norm.training
-        and norm.affine
-        and norm.track_running_stats
-        and norm.weight.dtype == torch.float32
-        and type(relu) is nn.ReLU
-        and type(pool) is nn.MaxPool2d
-        and _plain_2x2(pool)
+        and _normalisation_covers(norm, relu, pool)
         and _conv_covers(x, conv, maps=1, side=28, out=6)
     )
 
