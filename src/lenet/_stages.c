@@ -83,6 +83,7 @@ typedef struct {
                          double *);
     void (*bn_pool_backward)(const float *, int, int, int, const float *, const float *,
                              const unsigned char *, const float *, float *);
+    void (*input_grad2)(const float *, const float *, float *);
 } Kernels;
 
 static const Kernels plain = {"plain", forward_image_plain, backward_image_plain,
@@ -90,14 +91,14 @@ static const Kernels plain = {"plain", forward_image_plain, backward_image_plain
                               forward2_image_plain, backward2_image_plain,
                               bn1_forward_image_plain, bn1_backward_image_plain,
                               bn_pool_forward_image_plain, bn_pool_sums_image_plain,
-                              bn_pool_backward_image_plain};
+                              bn_pool_backward_image_plain, input_grad2_image_plain};
 #ifdef HAVE_AVX2_VARIANT
 static const Kernels avx2 = {"avx2", forward_image_avx2, backward_image_avx2,
                              conv1_image_avx2, conv1_grad_image_avx2,
                              forward2_image_avx2, backward2_image_avx2,
                              bn1_forward_image_avx2, bn1_backward_image_avx2,
                              bn_pool_forward_image_avx2, bn_pool_sums_image_avx2,
-                             bn_pool_backward_image_avx2};
+                             bn_pool_backward_image_avx2, input_grad2_image_avx2};
 #endif
 static const Kernels *kernels = &plain;
 
@@ -542,6 +543,23 @@ static PyObject *bn_pool_backward(PyObject *self, PyObject *args)
     return forward_batch(args, 9, bn_pool_backward_share);
 }
 
+static void input_grad2_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    (void)p;
+    for (Py_ssize_t n = from; n < to; n++)
+        kernels->input_grad2((const float *)a[0] + n * 8 * 8 * 16, (const float *)a[1],
+                             (float *)a[2] + n * 12 * 12 * 6);
+}
+
+/* input_grad2((g, wt, dx), count, threads): the input gradient of Conv2d(6, 16, 5) on 12x12
+ * maps: g float32 (count, 8, 8, 16), the gradient of its output, channels-last; wt (6, 25,
+ * 16), the weights; dx (count, 12, 12, 6) is written. */
+static PyObject *input_grad2(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return forward_batch(args, 3, input_grad2_share);
+}
+
 /* openmp(): the name of the OpenMP runtime whose threads run the batches, or None when one
  * thread runs them all. */
 static PyObject *openmp(PyObject *self, PyObject *unused)
@@ -597,6 +615,7 @@ static PyMethodDef methods[] = {
     {"bn_pool_forward", bn_pool_forward, METH_VARARGS, "BatchNorm-ReLU-pooling: picks and sums."},
     {"bn_pool_sums", bn_pool_sums, METH_VARARGS, "BatchNorm-ReLU-pooling: gradient sums."},
     {"bn_pool_backward", bn_pool_backward, METH_VARARGS, "BatchNorm-ReLU-pooling: dconv."},
+    {"input_grad2", input_grad2, METH_VARARGS, "Conv2d(6, 16, 5)'s input gradient."},
     {"openmp", openmp, METH_NOARGS, "The OpenMP runtime whose threads run batches, or None."},
     {NULL, NULL, 0, NULL},
 };

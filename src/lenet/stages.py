@@ -371,6 +371,9 @@ class _Normalised(torch.autograd.Function):
             _kernels.bn_pool_backward,
             made, grad, out, winner, coefficients, dmade, height, width, maps,
         )  # fmt: skip
+        # lenet-relu's second convolution: its input gradient compiled (1.4 ms at batch 256
+        # on 2 threads, against 3.2-3.5 for PyTorch's channels-last one).
+        own_input_grad = ctx.needs_input_grad[0] and _conv_covers(x, conv, maps=6, side=12, out=16)
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
             dmade.permute(0, 3, 1, 2),
             x,
@@ -382,8 +385,13 @@ class _Normalised(torch.autograd.Function):
             False,
             [0, 0],
             conv.groups,
-            [ctx.needs_input_grad[0], True, False],
+            [ctx.needs_input_grad[0] and not own_input_grad, True, False],
         )
+        if own_input_grad:
+            taps = weight.detach().permute(1, 2, 3, 0).contiguous()  # (6, 5, 5, 16)
+            grad_x = torch.empty((count, 12, 12, 6))
+            _run(_kernels.input_grad2, dmade, taps, grad_x)
+            grad_x = grad_x.permute(0, 3, 1, 2)  # channels-last, as x is
         return grad_x, grad_weight, dy_xhat_sum.float(), dy_sum.float(), None, None
 
 
