@@ -448,12 +448,17 @@ def test_batchnorm_relu_pooling_after_a_convolution_matches_pytorchs(build, shap
 def test_the_kernels_refuse_map_counts_they_cannot_hold():
     # The Python side only calls with what normalised_covers allows; the C side checks on its
     # own before it writes anything.
-    made, gamma = torch.zeros(2, 8, 8, 6), torch.ones(6)
-    picked, winner = torch.empty(2, 4, 4, 6), torch.empty(2, 4, 4, 6, dtype=torch.uint8)
-    sums = torch.empty(12, dtype=torch.float64)
-    kernel = stages._kernels.bn_pool_forward
+    made, gamma, beta = torch.zeros(2, 8, 8, 6), torch.ones(6), torch.zeros(6)
+    running_mean, running_var = torch.zeros(6), torch.ones(6)
+    picked, out = torch.empty(2, 4, 4, 6), torch.empty(2, 4, 4, 6)
+    winner, centre = (
+        torch.empty(2, 4, 4, 6, dtype=torch.uint8),
+        torch.empty(12, dtype=torch.float64),
+    )
+    tensors = (made, gamma, beta, running_mean, running_var, picked, winner, out, centre)
     with pytest.raises(ValueError, match="6 maps: the kernels take a multiple of 8"):
-        stages._run(kernel, made, gamma, picked, winner, sums, 8, 8, 6)
+        stages._run(stages._kernels.bn_pool_forward, *tensors, 8, 8, 6, scalars=(1e-5, 0.1))
+    assert torch.equal(running_var, torch.ones(6)), "written before the check"
 
 
 @built

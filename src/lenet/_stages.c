@@ -15,6 +15,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__unix__) || defined(__APPLE__)
@@ -76,10 +77,10 @@ typedef struct {
     void (*bn1_forward)(const float *, const float *, const float *, float *, unsigned char *,
                         double *);
     void (*bn1_backward)(const float *, const float *, const float *, const float *,
-                         const unsigned char *, const float *, v8 *, float *, double *);
+                         const unsigned char *, const double *, v8 *, float *, double *);
     void (*bn_pool_forward)(const float *, int, int, int, const float *, float *,
                             unsigned char *, double *);
-    void (*bn_pool_sums)(const float *, const float *, const float *, int, int, const float *,
+    void (*bn_pool_sums)(const float *, const float *, const float *, int, int, const double *,
                          double *);
     void (*bn_pool_backward)(const float *, int, int, int, const float *, const float *,
                              const unsigned char *, const float *, float *);
@@ -156,7 +157,7 @@ typedef struct {
     double moments[MOMENTS];
 } Partial;
 
-#define MAX_ADDRESSES 9
+#define MAX_ADDRESSES 13
 
 /* One entry point's work on the images [from, to) of a batch; a backward pass adds its
  * gradients to `partial` (NULL for a forward pass). `a` holds the entry point's addresses. */
@@ -189,34 +190,20 @@ static void region(void *data)
     run_share(batch, me, team);
 }
 
-/* Parses (addresses, count, threads) into `a`: a tuple of `n` addresses, the number of images,
- * and how many threads may run them. Then runs fn over the batch with the GIL released. For a
- * backward pass (`total` not NULL), *total receives the threads' sums added up in thread order
- * (so one thread count gives the same bits on every run), for the caller to free(). Returns 0,
- * or -1 with a Python error set. */
-static int run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, Partial **total)
+/* Runs fn over the `count` images of a batch on up to `threads` threads, the GIL released.
+ * For a pass that sums (`total` not NULL), *total receives the threads' sums added up in
+ * thread order (so one thread count gives the same bits on every run), for the caller to
+ * free(). Returns 0, or -1 with a Python error set. */
+static int run_shares(ShareFn fn, const Py_ssize_t *a, Py_ssize_t count, int threads,
+                      Partial **total)
 {
-    const int gradients = total != NULL;
-    PyObject *addresses;
-    Py_ssize_t count;
-    int threads;
-    if (!PyArg_ParseTuple(args, "O!ni", &PyTuple_Type, &addresses, &count, &threads))
-        return -1;
-    if (PyTuple_GET_SIZE(addresses) != n) {
-        PyErr_Format(PyExc_TypeError, "expected %d addresses", n);
-        return -1;
-    }
-    for (int i = 0; i < n; i++) {
-        a[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(addresses, i));
-        if (a[i] == -1 && PyErr_Occurred())
-            return -1;
-    }
+    const int sums = total != NULL;
     if (gomp_parallel == NULL || threads < 1)
         threads = 1;
     if (threads > count)
         threads = count > 0 ? (int)count : 1;
     Batch batch = {fn, a, count, NULL, 1};
-    if (gradients) {
+    if (sums) {
         /* v8 needs 32-byte alignment; sizeof(Partial) is a multiple of 32. */
         batch.partials = aligned_alloc(32, (size_t)threads * sizeof(Partial));
         if (batch.partials == NULL) {
@@ -229,7 +216,7 @@ static int run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, Partial *
         gomp_parallel(region, &batch, (unsigned)threads, 0);
     else
         run_share(&batch, 0, 1);
-    for (int t = 1; t < batch.team && gradients; t++) {
+    for (int t = 1; t < batch.team && sums; t++) {
         for (int i = 0; i < 16 * TAPS; i++)
             batch.partials[0].dw8[i] += batch.partials[t].dw8[i];
         for (int i = 0; i < 16; i++)
@@ -238,9 +225,49 @@ static int run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, Partial *
             batch.partials[0].moments[i] += batch.partials[t].moments[i];
     }
     Py_END_ALLOW_THREADS
-    if (gradients)
+    if (sums)
         *total = batch.partials;
     return 0;
+}
+
+/* What every entry point is called with: (addresses, count, threads[, eps, factor]), a tuple
+ * of `n` addresses (and sizes, for some), the number of images, how many threads may run
+ * them, and for BatchNorm's forward passes its epsilon and the running statistics' update
+ * factor. */
+typedef struct {
+    Py_ssize_t a[MAX_ADDRESSES];
+    Py_ssize_t count;
+    int threads;
+    double eps, factor;
+} Call;
+
+static int parse_call(PyObject *args, int n, Call *call)
+{
+    PyObject *addresses;
+    call->eps = call->factor = 0.0;
+    if (!PyArg_ParseTuple(args, "O!ni|dd", &PyTuple_Type, &addresses, &call->count,
+                          &call->threads, &call->eps, &call->factor))
+        return -1;
+    if (PyTuple_GET_SIZE(addresses) != n) {
+        PyErr_Format(PyExc_TypeError, "expected %d addresses", n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        call->a[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(addresses, i));
+        if (call->a[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* parse_call, then run_shares over the addresses as given. */
+static int run_batch(PyObject *args, Py_ssize_t *a, int n, ShareFn fn, Partial **total)
+{
+    Call call;
+    if (parse_call(args, n, &call) < 0)
+        return -1;
+    memcpy(a, call.a, n * sizeof *a);
+    return run_shares(fn, a, call.count, call.threads, total);
 }
 
 /* ---- The entry points ----
@@ -384,28 +411,99 @@ static PyObject *backward2(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---- BatchNorm in training: lenet-relu's stages, lenet-plus's ----
+ * Each forward pass runs twice over the batch: once to pool each window (by gamma's sign)
+ * and sum the maps, then, with the batch's statistics known, once to normalise the pooled
+ * pixels and apply the ReLU. Each backward pass sums the gradient first, then uses the sums.
+ * The statistics' arithmetic (in doubles) is done here, between the two passes. */
+
+/* From each map's sum and sum of squares over `positions` pixels (sums[0, maps), [maps,
+ * 2 maps)): centre, the means then the inverse sigmas (doubles); scale_shift, what
+ * normalising does to a pixel, gamma / sigma then beta - mean gamma / sigma; and the running
+ * statistics updated as PyTorch's BatchNorm does (the variance unbiased, by `factor`). */
+static void batch_statistics(const double *sums, int maps, double positions, const float *gamma,
+                             const float *beta, double eps, double factor, float *running_mean,
+                             float *running_var, double *centre, float *scale_shift)
+{
+    for (int c = 0; c < maps; c++) {
+        const double mean = sums[c] / positions;
+        double variance = sums[maps + c] / positions - mean * mean;
+        if (variance < 0.0) /* rounding, where every pixel is alike */
+            variance = 0.0;
+        const double unbiased = positions > 1.0 ? variance * positions / (positions - 1.0)
+                                                : variance;
+        running_mean[c] = (float)((1.0 - factor) * running_mean[c] + factor * mean);
+        running_var[c] = (float)((1.0 - factor) * running_var[c] + factor * unbiased);
+        const double inverse = 1.0 / sqrt(variance + eps), scale = gamma[c] * inverse;
+        centre[c] = mean;
+        centre[maps + c] = inverse;
+        scale_shift[c] = (float)scale;
+        scale_shift[maps + c] = (float)(beta[c] - scale * mean);
+    }
+}
+
+/* The second pass: out = relu(scale * picked + shift), both (count, pixels, maps). a: picked,
+ * out, scale_shift, pixels, maps. */
+static void normalise_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
+{
+    (void)p;
+    const Py_ssize_t maps = a[4], size = a[3] * maps;
+    const float *scale = (const float *)a[2], *shift = scale + maps;
+    for (Py_ssize_t n = from; n < to; n++) {
+        const float *picked = (const float *)a[0] + n * size;
+        float *out = (float *)a[1] + n * size;
+        for (Py_ssize_t at = 0; at < size; at += maps)
+            for (Py_ssize_t c = 0; c < maps; c++) {
+                const float y = scale[c] * picked[at + c] + shift[c];
+                out[at + c] = y < 0.0f ? 0.0f : y; /* as torch.relu: NaN stays NaN */
+            }
+    }
+}
+
+/* The statistics and the second pass, for `maps` maps of `positions` pixels a map in all;
+ * a: gamma, beta, running_mean, running_var, picked, out, centre; `pixels`: pooled pixels an
+ * image. */
+static int normalise(const Call *call, const double *sums, int maps, double positions,
+                     const Py_ssize_t *a, Py_ssize_t pixels)
+{
+    float scale_shift[2 * MOMENTS];
+    batch_statistics(sums, maps, positions, (const float *)a[0], (const float *)a[1],
+                     call->eps, call->factor, (float *)a[2], (float *)a[3], (double *)a[6],
+                     scale_shift);
+    const Py_ssize_t pass[] = {a[4], a[5], (Py_ssize_t)scale_shift, pixels, maps};
+    return run_shares(normalise_share, pass, call->count, call->threads, NULL);
+}
+
 static void bn1_forward_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
 {
     for (Py_ssize_t n = from; n < to; n++)
         kernels->bn1_forward((const float *)a[0] + n * SIDE * SIDE, (const float *)a[1],
-                             (const float *)a[2], (float *)a[3] + n * POOLED * POOLED * MAPS,
-                             (unsigned char *)a[4] + n * POOLED * POOLED * MAPS, p->moments);
+                             (const float *)a[2], (float *)a[6] + n * POOLED * POOLED * MAPS,
+                             (unsigned char *)a[7] + n * POOLED * POOLED * MAPS, p->moments);
 }
 
-/* bn1_forward((x, w, gamma, picked, arg, moments), count, threads): lenet-relu's first stage
- * in training, before the batch's statistics are known: float32 x (count, 28, 28), w (6, 25),
- * BatchNorm's gamma (6); written: picked (count, 12, 12, 6), each window's largest convolution
- * output (smallest where gamma < 0), uint8 arg (count, 12, 12, 6), which pixel it was, and
- * float64 moments (187), the batch's sums (bn1_forward_image lists them). */
+/* bn1_forward((x, w, gamma, beta, running_mean, running_var, picked, arg, out, moments,
+ * centre), count, threads, eps, factor): lenet-relu's first stage in training. float32 x
+ * (count, 28, 28), w (6, 25), BatchNorm's gamma, beta and running statistics (6, updated).
+ * Written: picked (count, 12, 12, 6), each window's largest convolution output (smallest
+ * where gamma < 0), uint8 arg, which pixel it was, out, the stage's output, float64 moments
+ * (187), the batch's sums (bn1_forward_image lists them), and float64 centre (12), its means
+ * and inverse sigmas. */
 static PyObject *bn1_forward(PyObject *self, PyObject *args)
 {
-    Py_ssize_t a[MAX_ADDRESSES];
+    Call call;
     Partial *total;
     (void)self;
-    if (run_batch(args, a, 6, bn1_forward_share, &total) < 0)
+    if (parse_call(args, 11, &call) < 0 ||
+        run_shares(bn1_forward_share, call.a, call.count, call.threads, &total) < 0)
         return NULL;
-    memcpy((double *)a[5], total->moments, MOMENTS * sizeof(double));
+    const Py_ssize_t *a = call.a;
+    memcpy((double *)a[9], total->moments, MOMENTS * sizeof(double));
     free(total);
+    const Py_ssize_t rest[] = {a[2], a[3], a[4], a[5], a[6], a[8], a[10]};
+    if (normalise(&call, (const double *)a[9], MAPS, (double)call.count * CONV * CONV, rest,
+                  POOLED * POOLED) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -415,48 +513,53 @@ static void bn1_backward_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t 
     for (Py_ssize_t n = from; n < to; n++)
         kernels->bn1_backward((const float *)a[0] + n * SIDE * SIDE, (const float *)a[1] + n * size,
                               (const float *)a[2] + n * size, (const float *)a[3] + n * size,
-                              (const unsigned char *)a[4] + n * size, (const float *)a[5],
+                              (const unsigned char *)a[4] + n * size, (const double *)a[6],
                               p->dw8, p->db, p->moments);
 }
 
-/* bn1_backward((x, g, out, picked, arg, centre, dw, db, weighted), count, threads): g float32
- * (count, 12, 12, 6), the gradient of the stage's output out; picked and arg from bn1_forward;
- * centre (12): the batch's 6 means, then its 6 inverse sigmas. Written: dw (6, 25), the weight
- * gradient of the winners' gradients alone, db (6), their sum per map, and float64 weighted
- * (6), their sum weighted by the winners' normalised values. */
+/* bn1_backward((x, g, out, picked, arg, moments, centre, gamma, dw, dgamma, dbeta), count,
+ * threads): g float32 (count, 12, 12, 6), the gradient of the stage's output out; the rest
+ * from bn1_forward. Written: dw (6, 25), dgamma and dbeta (6).
+ *
+ * BatchNorm's input gradient is dense, scale (dy - mean(dy) - xhat mean(dy xhat)), with dy
+ * the winners' gradients and scale gamma / sigma; but the weight gradient it gives is the
+ * winners' term alone minus two made of batch sums: mean(dy) times the input's sum under
+ * each tap, and mean(dy xhat) / sigma times each map's sum of (output - mean) times the input
+ * under each tap. */
 static PyObject *bn1_backward(PyObject *self, PyObject *args)
 {
-    Py_ssize_t a[MAX_ADDRESSES];
+    Call call;
     Partial *total;
     (void)self;
-    if (run_batch(args, a, 9, bn1_backward_share, &total) < 0)
+    if (parse_call(args, 11, &call) < 0 ||
+        run_shares(bn1_backward_share, call.a, call.count, call.threads, &total) < 0)
         return NULL;
-    float *dw = (float *)a[6];
-    for (int i = 0; i < MAPS * TAPS; i++)
-        dw[i] = lane_sum(total->dw8[i]);
-    memcpy((float *)a[7], total->db, MAPS * sizeof(float));
-    memcpy((double *)a[8], total->moments, MAPS * sizeof(double));
+    const Py_ssize_t *a = call.a;
+    const double *moments = (const double *)a[5], *centre = (const double *)a[6];
+    const double *under = moments + 2 * MAPS + MAPS * TAPS, positions = (double)call.count * CONV * CONV;
+    const float *gamma = (const float *)a[7];
+    float *dw = (float *)a[8], *dgamma = (float *)a[9], *dbeta = (float *)a[10];
+    for (int c = 0; c < MAPS; c++) {
+        const double mean = centre[c], inverse = centre[MAPS + c];
+        const double dy_xhat = total->moments[c], dy = total->moments[MAPS + c];
+        const double scale = gamma[c] * inverse, slope = dy_xhat * inverse / positions;
+        for (int t = 0; t < TAPS; t++) {
+            const double cross = moments[2 * MAPS + c * TAPS + t] - mean * under[t];
+            const double winners = lane_sum(total->dw8[c * TAPS + t]);
+            dw[c * TAPS + t] = (float)(scale * (winners - dy / positions * under[t] - slope * cross));
+        }
+        dgamma[c] = (float)dy_xhat;
+        dbeta[c] = (float)dy;
+    }
     free(total);
     Py_RETURN_NONE;
 }
 
-/* The BatchNorm-ReLU-pooling entry points take their sizes at the end of the addresses tuple
- * (they are numbers too): the convolution's output height and width, or the pooled pixels of
- * an image, and the maps, a multiple of eight up to MOMENTS / 2. */
-static int maps_fit(PyObject *args, Py_ssize_t index)
+/* The BatchNorm-ReLU-pooling entry points after a convolution PyTorch ran take its sizes at
+ * the end of the addresses tuple (they are numbers too): its output's height and width and
+ * its maps, a multiple of eight up to MOMENTS / 2. */
+static int maps_fit(Py_ssize_t maps)
 {
-    PyObject *addresses;
-    Py_ssize_t count;
-    int threads;
-    if (!PyArg_ParseTuple(args, "O!ni", &PyTuple_Type, &addresses, &count, &threads))
-        return 0;
-    if (PyTuple_GET_SIZE(addresses) <= index) {
-        PyErr_SetString(PyExc_TypeError, "too few addresses and sizes");
-        return 0;
-    }
-    const Py_ssize_t maps = PyLong_AsSsize_t(PyTuple_GET_ITEM(addresses, index));
-    if (maps == -1 && PyErr_Occurred())
-        return 0;
     if (maps < 8 || maps % 8 != 0 || 2 * maps > MOMENTS) {
         PyErr_Format(PyExc_ValueError, "%zd maps: the kernels take a multiple of 8 up to %d",
                      maps, MOMENTS / 2);
@@ -468,79 +571,104 @@ static int maps_fit(PyObject *args, Py_ssize_t index)
 static void bn_pool_forward_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to,
                                   Partial *p)
 {
-    const int height = (int)a[5], width = (int)a[6], maps = (int)a[7];
+    const int height = (int)a[9], width = (int)a[10], maps = (int)a[11];
     const Py_ssize_t size = (Py_ssize_t)height * width * maps, pooled = size / 4;
     for (Py_ssize_t n = from; n < to; n++)
         kernels->bn_pool_forward((const float *)a[0] + n * size, height, width, maps,
-                                 (const float *)a[1], (float *)a[2] + n * pooled,
-                                 (unsigned char *)a[3] + n * pooled, p->moments);
+                                 (const float *)a[1], (float *)a[5] + n * pooled,
+                                 (unsigned char *)a[6] + n * pooled, p->moments);
 }
 
-/* bn_pool_forward((conv, gamma, picked, arg, sums, height, width, maps), count, threads):
- * float32 conv (count, height, width, maps), the convolution's output in channels-last order,
- * gamma (maps); written: picked (count, height / 2, width / 2, maps), each window's largest
- * output (smallest where gamma < 0), uint8 arg of the same shape, which pixel it was, and
- * float64 sums (2 maps): each map's sum over the batch, then its sum of squares. */
+/* bn_pool_forward((conv, gamma, beta, running_mean, running_var, picked, arg, out, centre,
+ * height, width, maps), count, threads, eps, factor): float32 conv (count, height, width,
+ * maps), the convolution's output in channels-last order; BatchNorm's gamma, beta and running
+ * statistics (maps, updated). Written: picked (count, height / 2, width / 2, maps), each
+ * window's largest output (smallest where gamma < 0), uint8 arg of the same shape, which
+ * pixel it was, out, the stage's output, and float64 centre (2 maps), the batch's means and
+ * inverse sigmas. */
 static PyObject *bn_pool_forward(PyObject *self, PyObject *args)
 {
-    Py_ssize_t a[MAX_ADDRESSES];
+    Call call;
     Partial *total;
     (void)self;
-    if (!maps_fit(args, 7) || run_batch(args, a, 8, bn_pool_forward_share, &total) < 0)
+    if (parse_call(args, 12, &call) < 0 || !maps_fit(call.a[11]) ||
+        run_shares(bn_pool_forward_share, call.a, call.count, call.threads, &total) < 0)
         return NULL;
-    memcpy((double *)a[4], total->moments, 2 * a[7] * sizeof(double));
+    const Py_ssize_t *a = call.a, pixels = a[9] * a[10];
+    const Py_ssize_t rest[] = {a[1], a[2], a[3], a[4], a[5], a[7], a[8]};
+    const int done = normalise(&call, total->moments, (int)a[11],
+                               (double)call.count * pixels, rest, pixels / 4);
     free(total);
+    if (done < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
 static void bn_pool_sums_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
 {
-    const int pooled = (int)a[5], maps = (int)a[6];
-    const Py_ssize_t size = (Py_ssize_t)pooled * maps;
+    const int pixels = (int)(a[10] * a[11] / 4), maps = (int)a[12];
+    const Py_ssize_t size = (Py_ssize_t)pixels * maps;
     for (Py_ssize_t n = from; n < to; n++)
-        kernels->bn_pool_sums((const float *)a[0] + n * size, (const float *)a[1] + n * size,
-                              (const float *)a[2] + n * size, pooled, maps, (const float *)a[3],
-                              p->moments);
+        kernels->bn_pool_sums((const float *)a[1] + n * size, (const float *)a[2] + n * size,
+                              (const float *)a[3] + n * size, pixels, maps,
+                              (const double *)a[5], p->moments);
 }
 
-/* bn_pool_sums((g, out, picked, centre, sums, pooled, maps), count, threads): g float32, the
- * gradient of the stage's output out, and picked, all (count, pooled pixels, maps); centre
- * (2 maps): the batch's means, then its inverse sigmas. Written: float64 sums (2 maps), the
- * gradient's sum per map where it passes the ReLU, then that sum weighted by the winners'
- * normalised values. */
-static PyObject *bn_pool_sums(PyObject *self, PyObject *args)
-{
-    Py_ssize_t a[MAX_ADDRESSES];
-    Partial *total;
-    (void)self;
-    if (!maps_fit(args, 6) || run_batch(args, a, 7, bn_pool_sums_share, &total) < 0)
-        return NULL;
-    memcpy((double *)a[4], total->moments, 2 * a[6] * sizeof(double));
-    free(total);
-    Py_RETURN_NONE;
-}
-
+/* a: as bn_pool_backward's, and at [13] the coefficients. */
 static void bn_pool_backward_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to,
                                    Partial *p)
 {
     (void)p;
-    const int height = (int)a[6], width = (int)a[7], maps = (int)a[8];
+    const int height = (int)a[10], width = (int)a[11], maps = (int)a[12];
     const Py_ssize_t size = (Py_ssize_t)height * width * maps, pooled = size / 4;
     for (Py_ssize_t n = from; n < to; n++)
         kernels->bn_pool_backward((const float *)a[0] + n * size, height, width, maps,
                                   (const float *)a[1] + n * pooled,
                                   (const float *)a[2] + n * pooled,
-                                  (const unsigned char *)a[3] + n * pooled, (const float *)a[4],
-                                  (float *)a[5] + n * size);
+                                  (const unsigned char *)a[4] + n * pooled,
+                                  (const float *)a[13], (float *)a[7] + n * size);
 }
 
-/* bn_pool_backward((conv, g, out, arg, coefficients, dconv, height, width, maps), count,
- * threads): conv, g, out and arg as above; coefficients (4 maps) as bn_pool_backward_image
- * lists them. Written: dconv (count, height, width, maps), the gradient of conv. */
+/* bn_pool_backward((conv, g, out, picked, arg, centre, gamma, dconv, dgamma, dbeta, height,
+ * width, maps), count, threads): g float32, the gradient of the stage's output out, the
+ * rest from bn_pool_forward. Written: dconv (count, height, width, maps), the gradient of
+ * conv, and dgamma and dbeta (maps). First the gradient's sums over the batch, where it
+ * passes the ReLU: its sum per map, and that sum weighted by the winners' normalised values;
+ * then BatchNorm's backward pass gives every pixel of conv
+ *   scale * dy - shift - slope * (conv - mean)
+ * with dy the gradient that reached it (only winners have one), scale gamma / sigma, shift
+ * scale mean(dy) and slope scale mean(dy xhat) / sigma. */
 static PyObject *bn_pool_backward(PyObject *self, PyObject *args)
 {
+    Call call;
+    Partial *total;
     (void)self;
-    return forward_batch(args, 9, bn_pool_backward_share);
+    if (parse_call(args, 13, &call) < 0 || !maps_fit(call.a[12]) ||
+        run_shares(bn_pool_sums_share, call.a, call.count, call.threads, &total) < 0)
+        return NULL;
+    Py_ssize_t a[MAX_ADDRESSES + 1];
+    memcpy(a, call.a, 13 * sizeof *a);
+    const int maps = (int)a[12];
+    const double positions = (double)call.count * a[10] * a[11];
+    const double *centre = (const double *)a[5];
+    const float *gamma = (const float *)a[6];
+    float *dgamma = (float *)a[8], *dbeta = (float *)a[9];
+    float coefficients[4 * MOMENTS];
+    for (int c = 0; c < maps; c++) {
+        const double dy = total->moments[c], dy_xhat = total->moments[maps + c];
+        const double inverse = centre[maps + c], scale = gamma[c] * inverse;
+        coefficients[c] = (float)scale;
+        coefficients[maps + c] = (float)(scale * dy / positions);
+        coefficients[2 * maps + c] = (float)(scale * inverse * dy_xhat / positions);
+        coefficients[3 * maps + c] = (float)centre[c];
+        dgamma[c] = (float)dy_xhat;
+        dbeta[c] = (float)dy;
+    }
+    free(total);
+    a[13] = (Py_ssize_t)coefficients;
+    if (run_shares(bn_pool_backward_share, a, call.count, call.threads, NULL) < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static void input_grad2_share(const Py_ssize_t *a, Py_ssize_t from, Py_ssize_t to, Partial *p)
@@ -610,11 +738,10 @@ static PyMethodDef methods[] = {
     {"conv1_backward", conv1_backward, METH_VARARGS, "The first convolution's gradients."},
     {"forward2", forward2, METH_VARARGS, "The second stage's pooled maps and each window's winner."},
     {"backward2", backward2, METH_VARARGS, "The second stage's input, weight and bias gradients."},
-    {"bn1_forward", bn1_forward, METH_VARARGS, "lenet-relu's first stage: pooled maps and sums."},
-    {"bn1_backward", bn1_backward, METH_VARARGS, "lenet-relu's first stage: sums of gradients."},
-    {"bn_pool_forward", bn_pool_forward, METH_VARARGS, "BatchNorm-ReLU-pooling: picks and sums."},
-    {"bn_pool_sums", bn_pool_sums, METH_VARARGS, "BatchNorm-ReLU-pooling: gradient sums."},
-    {"bn_pool_backward", bn_pool_backward, METH_VARARGS, "BatchNorm-ReLU-pooling: dconv."},
+    {"bn1_forward", bn1_forward, METH_VARARGS, "lenet-relu's first stage in training."},
+    {"bn1_backward", bn1_backward, METH_VARARGS, "lenet-relu's first stage's gradients."},
+    {"bn_pool_forward", bn_pool_forward, METH_VARARGS, "BatchNorm, ReLU, pooling: forward."},
+    {"bn_pool_backward", bn_pool_backward, METH_VARARGS, "BatchNorm, ReLU, pooling: backward."},
     {"input_grad2", input_grad2, METH_VARARGS, "Conv2d(6, 16, 5)'s input gradient."},
     {"openmp", openmp, METH_NOARGS, "The OpenMP runtime whose threads run batches, or None."},
     {NULL, NULL, 0, NULL},

@@ -348,28 +348,35 @@ static TARGET void NAME(bn1_forward_image)(const float *restrict x, const float 
 
 /* The same stage's backward pass for one image: g (12, 12, 6) is the gradient of its output
  * out (12, 12, 6), which passes the ReLU where out > 0 and lands on each window's winner
- * (arg). Added: the weight gradient those winners alone would give (dw8, eight lanes per
- * tap), their gradient's sum per map (db), and that sum weighted by each winner's normalised
- * value, (picked - mean) * inverse_sigma (centre: the 6 means, then the 6 inverse sigmas),
- * per map (weighted). The rest of BatchNorm's backward pass needs only sums over the batch. */
+ * (arg). Added: the weight gradient those winners alone would give (dw8), and to sums, per
+ * map, that gradient weighted by each winner's normalised value, (picked - mean) *
+ * inverse_sigma (centre: the 6 means, then the 6 inverse sigmas), [0, 6), and unweighted,
+ * [6, 12). The rest of BatchNorm's backward pass needs only sums over the batch. */
 static TARGET void NAME(bn1_backward_image)(const float *restrict x, const float *restrict g,
                                             const float *restrict out,
                                             const float *restrict picked,
                                             const unsigned char *restrict arg,
-                                            const float *restrict centre, v8 *restrict dw8,
-                                            float *restrict db, double *restrict weighted)
+                                            const double *restrict centre, v8 *restrict dw8,
+                                            float *restrict db, double *restrict sums)
 {
-    float passed[POOLED * POOLED * MAPS];
-    float products[MAPS] = {0};
+    float passed[POOLED * POOLED * MAPS], mean[MAPS], inverse[MAPS];
+    float weighted[MAPS] = {0}, total[MAPS] = {0};
+    for (int c = 0; c < MAPS; c++) {
+        mean[c] = (float)centre[c];
+        inverse[c] = (float)centre[MAPS + c];
+    }
     for (int at = 0; at < POOLED * POOLED * MAPS; at += MAPS)
         for (int c = 0; c < MAPS; c++) {
             /* As PyTorch's ReLU: no gradient where out <= 0 (NaN passes it). */
             const float dy = out[at + c] <= 0.0f ? 0.0f : g[at + c];
             passed[at + c] = dy;
-            products[c] += dy * ((picked[at + c] - centre[c]) * centre[MAPS + c]);
+            weighted[c] += dy * ((picked[at + c] - mean[c]) * inverse[c]);
+            total[c] += dy;
         }
-    for (int c = 0; c < MAPS; c++)
-        weighted[c] += products[c];
+    for (int c = 0; c < MAPS; c++) {
+        sums[c] += weighted[c];
+        sums[MAPS + c] += total[c];
+    }
     NAME(backward_image)(x, passed, arg, dw8, db);
 }
 
@@ -424,11 +431,15 @@ static TARGET void NAME(bn_pool_forward_image)(const float *restrict conv, int h
  * centre (the means, then the inverse sigmas). */
 static TARGET void NAME(bn_pool_sums_image)(const float *restrict g, const float *restrict out,
                                             const float *restrict picked, int pooled, int maps,
-                                            const float *restrict centre,
+                                            const double *restrict centre,
                                             double *restrict sums)
 {
     for (int c = 0; c < maps; c += 8) {
-        const v8 mean = NAME(load8)(centre + c), inverse = NAME(load8)(centre + maps + c);
+        v8 mean, inverse;
+        for (int l = 0; l < 8; l++) {
+            mean[l] = (float)centre[c + l];
+            inverse[l] = (float)centre[maps + c + l];
+        }
         v8 total = {0}, weighted = {0};
         for (int at = c; at < pooled * maps; at += maps) {
             /* As PyTorch's ReLU: no gradient where out <= 0 (NaN passes it). */

@@ -130,12 +130,15 @@ def openmp() -> str | None:
     return None if _kernels is None else _kernels.openmp()
 
 
-def _run(kernel: Any, first: torch.Tensor, *rest: torch.Tensor | int) -> None:
+def _run(
+    kernel: Any, first: torch.Tensor, *rest: torch.Tensor | int, scalars: tuple[float, ...] = ()
+) -> None:
     """One kernel over a batch (``first``'s leading dimension), on as many threads as PyTorch
-    uses; every tensor contiguous, on the CPU. Numbers among them (sizes) go as they are."""
+    uses; every tensor contiguous, on the CPU. Numbers among them (sizes) go as they are;
+    ``scalars`` (BatchNorm's epsilon and update factor) follow the thread count."""
     given = (first, *rest)
     numbers = tuple(t if isinstance(t, int) else t.data_ptr() for t in given)
-    kernel(numbers, first.shape[0], torch.get_num_threads())
+    kernel(numbers, first.shape[0], torch.get_num_threads(), *scalars)
 
 
 class _First(torch.autograd.Function):
@@ -219,22 +222,14 @@ class _Conv1(torch.autograd.Function):
         return None, grad_weight, grad_bias if ctx.has_bias else None
 
 
-# What bn1_forward sums over a batch (float64), in order: each map's sum, its sum of squares,
-# its sum of output times input under each tap (6, 25), and the input's sum under each tap.
-_SUMS, _SQUARES, _CROSS, _UNDER = slice(0, 6), slice(6, 12), slice(12, 162), slice(162, 187)
-
-
 class _NormalisedFirst(torch.autograd.Function):
     """relu(max_pool2d(batch_norm(conv(x)), 2, 2)) in training, batch statistics and all.
 
     The forward pass pools each map as soon as it is made (picking the window's largest or
     smallest convolution output by gamma's sign: BatchNorm scales a map by gamma / sigma), so
-    no 24x24 map is stored; the batch's statistics come from sums gathered on the way. In the
-    backward pass BatchNorm's input gradient is dense, (gamma / sigma) (dy - mean(dy) - xhat
-    mean(dy xhat)) with dy the winners' gradients, but the weight gradient it gives is the
-    winners' term alone minus two terms made of batch sums: mean(dy) times the input's sum
-    under each tap, and mean(dy xhat) / sigma times each map's sum of (output - mean) times
-    the input under each tap. So no dense gradient is made either.
+    no 24x24 map is stored; the batch's statistics come from sums gathered on the way, and so
+    does what the backward pass needs besides the winners' gradients (_stages.c's bn1_backward
+    says how). So no dense gradient is made either.
     """
 
     @staticmethod
@@ -249,21 +244,19 @@ class _NormalisedFirst(torch.autograd.Function):
         count = x.shape[0]
         x = x.detach().contiguous()
         taps = weight.detach().reshape(6, 25).contiguous()
-        gamma, beta = gamma.detach().contiguous(), beta.detach()
+        gamma = gamma.detach().contiguous()
         picked = torch.empty((count, 12, 12, 6))
         winner = torch.empty((count, 12, 12, 6), dtype=torch.uint8)
-        sums = torch.empty(187, dtype=torch.float64)
-        _run(_kernels.bn1_forward, x, taps, gamma, picked, winner, sums)
-        positions = count * 24 * 24
-        mean = sums[_SUMS] / positions
-        variance = (sums[_SQUARES] / positions - mean * mean).clamp_(min=0)
-        _update_running_stats(norm, mean, variance * (positions / max(positions - 1, 1)))
-        inverse_sigma = (variance + norm.eps).rsqrt()
-        scale = (gamma.double() * inverse_sigma).float()
-        shift = beta - scale * mean.float()
-        out = torch.addcmul(shift, picked, scale).relu_()
-        ctx.save_for_backward(x, picked, winner, out, gamma)
-        ctx.sums, ctx.mean, ctx.inverse_sigma = sums, mean, inverse_sigma
+        out = torch.empty((count, 12, 12, 6))
+        sums = torch.empty(187, dtype=torch.float64)  # what bn1_forward_image lists
+        centre = torch.empty(12, dtype=torch.float64)
+        _run(
+            _kernels.bn1_forward,
+            x, taps, gamma, beta.detach().contiguous(), *_running_stats(norm),
+            picked, winner, out, sums, centre,
+            scalars=(norm.eps, _update_factor(norm)),
+        )  # fmt: skip
+        ctx.save_for_backward(x, picked, winner, out, sums, centre, gamma)
         # (N, 6, 12, 12) in channels-last memory, the layout the second convolution takes.
         return out.permute(0, 3, 1, 2)
 
@@ -271,38 +264,36 @@ class _NormalisedFirst(torch.autograd.Function):
     def backward(
         ctx: Any, grad: torch.Tensor
     ) -> tuple[None, torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        x, picked, winner, out, gamma = ctx.saved_tensors
-        sums, mean, inverse_sigma = ctx.sums, ctx.mean, ctx.inverse_sigma
+        x, picked, winner, out, sums, centre, gamma = ctx.saved_tensors
         grad = grad.permute(0, 2, 3, 1).contiguous()  # no copy when channels-last already
-        centre = torch.cat([mean, inverse_sigma]).float()
-        winners_dw = torch.empty((6, 25))
-        dy_sum = torch.empty(6)
-        dy_xhat_sum = torch.empty(6, dtype=torch.float64)
+        grad_weight, grad_gamma, grad_beta = (
+            torch.empty((6, 1, 5, 5)),
+            torch.empty(6),
+            torch.empty(6),
+        )
         _run(
             _kernels.bn1_backward,
-            x, grad, out, picked, winner, centre, winners_dw, dy_sum, dy_xhat_sum,
+            x, grad, out, picked, winner, sums, centre, gamma,
+            grad_weight, grad_gamma, grad_beta,
         )  # fmt: skip
-        positions = x.shape[0] * 24 * 24
-        under = sums[_UNDER]
-        centred_cross = sums[_CROSS].view(6, 25) - mean[:, None] * under
-        dw = (gamma.double() * inverse_sigma)[:, None] * (
-            winners_dw.double()
-            - (dy_sum.double() / positions)[:, None] * under
-            - (dy_xhat_sum * inverse_sigma / positions)[:, None] * centred_cross
-        )
-        return None, dw.float().view(6, 1, 5, 5), dy_xhat_sum.float(), dy_sum, None
+        return None, grad_weight, grad_gamma, grad_beta, None
 
 
-def _update_running_stats(
-    norm: nn.BatchNorm2d, mean: torch.Tensor, unbiased_variance: torch.Tensor
-) -> None:
-    """What BatchNorm's training forward does to its running statistics."""
+def _running_stats(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm's running mean and variance, which the kernels update in place."""
+    for buffer in (norm.running_mean, norm.running_var):
+        if not (buffer.dtype == torch.float32 and buffer.is_contiguous()):
+            raise ValueError("BatchNorm's running statistics must be contiguous float32")
+    return norm.running_mean, norm.running_var
+
+
+def _update_factor(norm: nn.BatchNorm2d) -> float:
+    """Counts a training batch, as BatchNorm's forward pass does, and gives the factor its
+    running statistics move by: the momentum, or for a cumulative average 1 / batches."""
     norm.num_batches_tracked.add_(1)
-    momentum = norm.momentum
-    if momentum is None:  # a cumulative average
-        momentum = 1.0 / float(norm.num_batches_tracked)
-    norm.running_mean.mul_(1 - momentum).add_(mean.float(), alpha=momentum)
-    norm.running_var.mul_(1 - momentum).add_(unbiased_variance.float(), alpha=momentum)
+    if norm.momentum is None:
+        return 1.0 / float(norm.num_batches_tracked)
+    return float(norm.momentum)
 
 
 class _Normalised(torch.autograd.Function):
@@ -311,9 +302,9 @@ class _Normalised(torch.autograd.Function):
     The same idea as ``_NormalisedFirst`` after the convolution: the pooling picks by gamma's
     sign and the batch's sums come out of the same pass over the maps; backward, the
     convolution's output gets BatchNorm's whole gradient in one pass, and PyTorch's
-    convolution backward takes it from there. This replaces BatchNorm's, the ReLU's and the
-    pooling's forward and backward passes, and the zero-filled gradient the pooling scatters
-    into.
+    convolution backward takes it from there (for lenet-relu's second stage, the input
+    gradient is compiled too). This replaces BatchNorm's, the ReLU's and the pooling's forward
+    and backward passes, and the zero-filled gradient the pooling scatters into.
     """
 
     @staticmethod
@@ -329,47 +320,33 @@ class _Normalised(torch.autograd.Function):
         made = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         count, maps, height, width = made.shape
         made = made.permute(0, 2, 3, 1).contiguous()  # no copy when channels-last already
-        gamma, beta = gamma.detach().contiguous(), beta.detach()
-        picked = torch.empty((count, height // 2, width // 2, maps))
-        winner = torch.empty((count, height // 2, width // 2, maps), dtype=torch.uint8)
-        sums = torch.empty(2 * maps, dtype=torch.float64)
-        _run(_kernels.bn_pool_forward, made, gamma, picked, winner, sums, height, width, maps)
-        positions = count * height * width
-        mean = sums[:maps] / positions
-        variance = (sums[maps:] / positions - mean * mean).clamp_(min=0)
-        _update_running_stats(norm, mean, variance * (positions / max(positions - 1, 1)))
-        inverse_sigma = (variance + norm.eps).rsqrt()
-        scale = (gamma.double() * inverse_sigma).float()
-        out = torch.addcmul(beta - scale * mean.float(), picked, scale).relu_()
-        ctx.save_for_backward(x, weight, made, picked, winner, out, gamma)
-        ctx.mean, ctx.inverse_sigma, ctx.conv = mean, inverse_sigma, conv
+        gamma = gamma.detach().contiguous()
+        pooled = (count, height // 2, width // 2, maps)
+        picked, out = torch.empty(pooled), torch.empty(pooled)
+        winner = torch.empty(pooled, dtype=torch.uint8)
+        centre = torch.empty(2 * maps, dtype=torch.float64)
+        _run(
+            _kernels.bn_pool_forward,
+            made, gamma, beta.detach().contiguous(), *_running_stats(norm),
+            picked, winner, out, centre, height, width, maps,
+            scalars=(norm.eps, _update_factor(norm)),
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight, made, picked, winner, out, centre, gamma)
+        ctx.conv = conv
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        x, weight, made, picked, winner, out, gamma = ctx.saved_tensors
-        mean, inverse_sigma, conv = ctx.mean, ctx.inverse_sigma, ctx.conv
+        x, weight, made, picked, winner, out, centre, gamma = ctx.saved_tensors
+        conv = ctx.conv
         count, height, width, maps = made.shape
         grad = grad.permute(0, 2, 3, 1).contiguous()
-        centre = torch.cat([mean, inverse_sigma]).float()
-        sums = torch.empty(2 * maps, dtype=torch.float64)
-        pooled = (height // 2) * (width // 2)
-        _run(_kernels.bn_pool_sums, grad, out, picked, centre, sums, pooled, maps)
-        dy_sum, dy_xhat_sum = sums[:maps], sums[maps:]
-        positions = count * height * width
-        scale = gamma.double() * inverse_sigma
-        coefficients = torch.cat(
-            [
-                scale,
-                scale * dy_sum / positions,
-                scale * inverse_sigma * dy_xhat_sum / positions,
-                mean,
-            ]
-        ).float()
         dmade = torch.empty_like(made)
+        grad_gamma, grad_beta = torch.empty(maps), torch.empty(maps)
         _run(
             _kernels.bn_pool_backward,
-            made, grad, out, winner, coefficients, dmade, height, width, maps,
+            made, grad, out, picked, winner, centre, gamma, dmade, grad_gamma, grad_beta,
+            height, width, maps,
         )  # fmt: skip
         # lenet-relu's second convolution: its input gradient compiled (1.4 ms at batch 256
         # on 2 threads, against 3.2-3.5 for PyTorch's channels-last one).
@@ -392,7 +369,7 @@ class _Normalised(torch.autograd.Function):
             grad_x = torch.empty((count, 12, 12, 6))
             _run(_kernels.input_grad2, dmade, taps, grad_x)
             grad_x = grad_x.permute(0, 3, 1, 2)  # channels-last, as x is
-        return grad_x, grad_weight, dy_xhat_sum.float(), dy_sum.float(), None, None
+        return grad_x, grad_weight, grad_gamma, grad_beta, None, None
 
 
 # bn_pool_forward's sums hold two doubles a map in a thread's partial sums (_stages.c).
