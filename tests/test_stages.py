@@ -285,11 +285,21 @@ def test_what_the_kernels_do_not_cover_goes_to_pytorch(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not stages.normalised_covers(x2, wide, norm16, relu, pool)
         assert not stages.normalised_first_covers(x1, conv, norm, relu, pool)
+    # Evaluated BatchNorm folded into lenet's stages: their shapes, running statistics.
+    assert stages.folded_covers(x1, conv, norm.eval(), relu, pool)
+    assert stages.folded_covers(x2.clone().requires_grad_(), wide, norm16.eval(), relu, pool)
+    assert not stages.folded_covers(x1.clone().requires_grad_(), conv, norm, relu, pool)
+    assert not stages.folded_covers(x2, nn.Conv2d(6, 8, 5), nn.BatchNorm2d(8).eval(), relu, pool)
+    untracked.eval()  # no running statistics: batch statistics even when evaluated
+    assert not stages.folded_covers(x1, conv, untracked, relu, pool)
+    assert not stages.folded_covers(x1, conv, norm.train(), relu, pool)
+    assert not stages.folded_covers(x1, conv, norm.eval(), nn.Sigmoid(), pool)
     monkeypatch.setattr(stages, "enabled", False)
     assert not stages.first_covers(x1, conv1, pool)
     assert not stages.second_covers(x2, conv2, pool)
-    assert not stages.normalised_first_covers(x1, conv, norm, relu, pool)
-    assert not stages.normalised_covers(x2, wide, norm16, relu, pool)
+    assert not stages.normalised_first_covers(x1, conv, norm.train(), relu, pool)
+    assert not stages.normalised_covers(x2, wide, norm16.train(), relu, pool)
+    assert not stages.folded_covers(x1, conv, norm.eval(), relu, pool)
 
 
 def test_without_the_kernels_lenet_trains_with_pytorchs(monkeypatch):
@@ -468,15 +478,15 @@ def test_lenet_relu_training_steps_use_the_first_stages_kernel_and_match_pytorch
     twin = copy.deepcopy(model)
     x = torch.randn(32, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     calls = []
-    for name in ("conv1", "normalised_first", "normalised"):
+    for name in ("conv1", "normalised_first", "normalised", "folded"):
         original = getattr(stages, name)
         monkeypatch.setattr(
             stages, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
         )
-    # Evaluated (BatchNorm on its running statistics), only the convolution runs compiled.
+    # Evaluated (BatchNorm on its running statistics), BatchNorm folds into lenet's kernels.
     with torch.no_grad():
         evaluated = TrainingView(model.eval())(x)
-    assert calls == ["conv1"]
+    assert calls == ["folded", "folded"]
     torch.testing.assert_close(evaluated, model(x), rtol=0, atol=1e-5)
     model.train()
     calls.clear()
@@ -518,3 +528,35 @@ def test_lenet_plus_training_steps_use_the_kernels_and_match_pytorch(monkeypatch
         assert float((q.grad - p.grad).abs().max()) <= 1e-4 * scale + 1e-7, where
     for (where, b), c in zip(twin.named_buffers(), model.buffers()):
         torch.testing.assert_close(c, b, msg=where)
+
+
+@built
+def test_batchnorm_folded_for_evaluation_matches_pytorch_and_passes_gradients(monkeypatch):
+    # BatchNorm on running statistics (evaluation, or training with BatchNorm frozen) is a
+    # scale and a shift per map: folded into the convolution, lenet's kernels run the stage.
+    # Negative gammas flip which pixel is largest: the folded maps pool the same.
+    torch.manual_seed(3)
+    model = create_model("lenet-relu").to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for norm in (model.features[1], model.features[5]):
+            norm.weight.uniform_(0.3, 1.5).mul_(
+                torch.tensor([1.0, -1.0]).repeat(norm.num_features // 2)
+            )
+            norm.bias.uniform_(-0.5, 0.5)
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    model.eval()
+    twin = copy.deepcopy(model)
+    x = torch.randn(29, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    calls = []
+    original = stages.folded
+    monkeypatch.setattr(stages, "folded", lambda *a: calls.append(1) or original(*a))
+    got = TrainingView(model)(x)
+    assert len(calls) == 2
+    expected = twin(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for (where, p), q in zip(twin.named_parameters(), model.parameters()):
+        scale = float(p.grad.abs().max())
+        assert float((q.grad - p.grad).abs().max()) <= 1e-4 * scale + 1e-7, where

@@ -427,6 +427,45 @@ def normalised(x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> torch.
     return _Normalised.apply(x, conv.weight, norm.weight, norm.bias, norm, conv)
 
 
+def folded_covers(
+    x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module, relu: nn.Module, pool: nn.Module
+) -> bool:
+    """Whether ``folded`` can run: LeNet's first or second stage's shapes with BatchNorm on its
+    running statistics (evaluation) between the convolution and the ReLU and pooling."""
+    if not (
+        type(norm) is nn.BatchNorm2d
+        and not norm.training
+        and norm.track_running_stats
+        and norm.running_mean is not None
+        and type(relu) is nn.ReLU
+        and type(pool) is nn.MaxPool2d
+        and _plain_2x2(pool)
+    ):
+        return False
+    if x.dim() == 4 and x.shape[1] == 1:
+        return not x.requires_grad and _conv_covers(x, conv, maps=1, side=28, out=6)
+    return _conv_covers(x, conv, maps=6, side=12, out=16)
+
+
+def folded(x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> torch.Tensor:
+    """``relu(pool(norm(conv(x))))`` with BatchNorm on its running statistics, as lenet's
+    ``first`` or ``second`` kernel: evaluated, BatchNorm is a scale and a shift per map, which
+    fold into the convolution's weights and bias (so the pooling of the folded maps is that
+    of the normalised ones, whatever the scale's sign). Differentiable, through the folding,
+    to the convolution's and BatchNorm's parameters. Only where ``folded_covers``."""
+    scale = (norm.running_var + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    bias = -norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    if norm.bias is not None:
+        bias = bias + norm.bias
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    stage = _First if x.shape[1] == 1 else _Second
+    return F.relu(stage.apply(x, weight, bias))
+
+
 def normalised_first_covers(
     x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module, relu: nn.Module, pool: nn.Module
 ) -> bool:
