@@ -78,14 +78,21 @@ class LeNet(nn.Module):
         # Each convolution with its pooling, in PyTorch's kernels, made most of a CPU step;
         # lenet's compiled kernels do each in one pass where they are built (lenet.stages).
         if stages.first_covers(x, conv1, pool1):
-            x = sigmoid1(stages.first(x, conv1))
+            x = _sigmoid_of_fresh(stages.first(x, conv1), sigmoid1)
         else:
             x = sigmoid1(pool1(conv1(x)))
         if stages.second_covers(x, conv2, pool2):
-            x = sigmoid2(stages.second(x, conv2))
+            x = _sigmoid_of_fresh(stages.second(x, conv2), sigmoid2)
         else:
             x = sigmoid2(pool2(conv2(x)))
         return self.classifier(x)
+
+
+def _sigmoid_of_fresh(x: torch.Tensor, sigmoid: nn.Module) -> torch.Tensor:
+    """``sigmoid(x)`` for a kernel's fresh output; in place where no gradient is recorded (new
+    memory for 10,000 images' maps cost more than the sigmoid). With autograd, a custom
+    function's output view may not be changed in place."""
+    return x.sigmoid_() if not torch.is_grad_enabled() else sigmoid(x)
 
 
 def _layout_of(weight: torch.Tensor) -> torch.memory_format:

@@ -463,7 +463,9 @@ def folded(x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> torch.Tens
         bias = bias + norm.bias
     weight = conv.weight * scale.view(-1, 1, 1, 1)
     stage = _First if x.shape[1] == 1 else _Second
-    return F.relu(stage.apply(x, weight, bias))
+    # Without autograd, in place: a new tensor took 7 of 100 ms for 10,000 images (pages of
+    # fresh memory). (With it, autograd forbids changing a custom function's output view.)
+    return F.relu(stage.apply(x, weight, bias), inplace=not torch.is_grad_enabled())
 
 
 def normalised_first_covers(
