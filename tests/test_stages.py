@@ -279,6 +279,9 @@ def test_what_the_kernels_do_not_cover_goes_to_pytorch(monkeypatch):
         x2, nn.Conv2d(6, 16, 5, bias=False, padding="same"), norm16, relu, pool
     )
     assert not stages.normalised_covers(x2.double(), wide, norm16, relu, pool)
+    assert not stages.normalised_covers(x2, wide, nn.BatchNorm2d(24), relu, pool)  # 16 maps
+    assert not stages.normalised_covers(x2, wide, nn.BatchNorm2d(16).double(), relu, pool)
+    assert not stages.normalised_covers(x2[:0], wide, norm16, relu, pool)  # no images
     assert not stages.normalised_covers(x2, wide, norm16.eval(), relu, pool)
     norm16.train()
     assert not stages.normalised_covers(x2, wide, norm16, relu, nn.MaxPool2d(3, 2))
@@ -294,6 +297,8 @@ def test_what_the_kernels_do_not_cover_goes_to_pytorch(monkeypatch):
     assert not stages.folded_covers(x1, conv, untracked, relu, pool)
     assert not stages.folded_covers(x1, conv, norm.train(), relu, pool)
     assert not stages.folded_covers(x1, conv, norm.eval(), nn.Sigmoid(), pool)
+    assert not stages.folded_covers(x1, conv, nn.BatchNorm2d(6).double().eval(), relu, pool)
+    assert not stages.folded_covers(x1, conv, nn.BatchNorm2d(8).eval(), relu, pool)
     monkeypatch.setattr(stages, "enabled", False)
     assert not stages.first_covers(x1, conv1, pool)
     assert not stages.second_covers(x2, conv2, pool)
@@ -466,9 +471,11 @@ def test_the_kernels_refuse_map_counts_they_cannot_hold():
         torch.empty(12, dtype=torch.float64),
     )
     tensors = (made, gamma, beta, running_mean, running_var, picked, winner, out, centre)
-    with pytest.raises(ValueError, match="6 maps: the kernels take a multiple of 8"):
+    with pytest.raises(ValueError, match="6 maps: the kernels take a multiple of 8 up to 88"):
         stages._run(stages._kernels.bn_pool_forward, *tensors, 8, 8, 6, scalars=(1e-5, 0.1))
     assert torch.equal(running_var, torch.ones(6)), "written before the check"
+    with pytest.raises(ValueError, match="7x8 maps: the kernels pool even sides"):
+        stages._run(stages._kernels.bn_pool_forward, *tensors, 7, 8, 8, scalars=(1e-5, 0.1))
 
 
 @built

@@ -556,13 +556,19 @@ static PyObject *bn1_backward(PyObject *self, PyObject *args)
 }
 
 /* The BatchNorm-ReLU-pooling entry points after a convolution PyTorch ran take its sizes at
- * the end of the addresses tuple (they are numbers too): its output's height and width and
- * its maps, a multiple of eight up to MOMENTS / 2. */
-static int maps_fit(Py_ssize_t maps)
+ * the end of the addresses tuple (they are numbers too): its output's height and width, both
+ * even, and its maps, a multiple of eight up to MOMENTS / 2. */
+static int maps_fit(const Py_ssize_t *sizes)
 {
+    const Py_ssize_t height = sizes[0], width = sizes[1], maps = sizes[2];
     if (maps < 8 || maps % 8 != 0 || 2 * maps > MOMENTS) {
         PyErr_Format(PyExc_ValueError, "%zd maps: the kernels take a multiple of 8 up to %d",
-                     maps, MOMENTS / 2);
+                     maps, MOMENTS / 2 / 8 * 8);
+        return 0;
+    }
+    if (height < 2 || width < 2 || height % 2 != 0 || width % 2 != 0) {
+        PyErr_Format(PyExc_ValueError, "%zdx%zd maps: the kernels pool even sides", height,
+                     width);
         return 0;
     }
     return 1;
@@ -591,7 +597,7 @@ static PyObject *bn_pool_forward(PyObject *self, PyObject *args)
     Call call;
     Partial *total;
     (void)self;
-    if (parse_call(args, 12, &call) < 0 || !maps_fit(call.a[11]) ||
+    if (parse_call(args, 12, &call) < 0 || !maps_fit(&call.a[9]) ||
         run_shares(bn_pool_forward_share, call.a, call.count, call.threads, &total) < 0)
         return NULL;
     const Py_ssize_t *a = call.a, pixels = a[9] * a[10];
@@ -643,7 +649,7 @@ static PyObject *bn_pool_backward(PyObject *self, PyObject *args)
     Call call;
     Partial *total;
     (void)self;
-    if (parse_call(args, 13, &call) < 0 || !maps_fit(call.a[12]) ||
+    if (parse_call(args, 13, &call) < 0 || !maps_fit(&call.a[10]) ||
         run_shares(bn_pool_sums_share, call.a, call.count, call.threads, &total) < 0)
         return NULL;
     Py_ssize_t a[MAX_ADDRESSES + 1];

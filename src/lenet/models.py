@@ -92,7 +92,9 @@ def _sigmoid_of_fresh(x: torch.Tensor, sigmoid: nn.Module) -> torch.Tensor:
     """``sigmoid(x)`` for a kernel's fresh output; in place where no gradient is recorded (new
     memory for 10,000 images' maps cost more than the sigmoid). With autograd, a custom
     function's output view may not be changed in place."""
-    return x.sigmoid_() if not torch.is_grad_enabled() else sigmoid(x)
+    if type(sigmoid) is nn.Sigmoid and not torch.is_grad_enabled():
+        return x.sigmoid_()
+    return sigmoid(x)
 
 
 def _layout_of(weight: torch.Tensor) -> torch.memory_format:

@@ -22,10 +22,15 @@ lenet-relu's first stage puts BatchNorm and ReLU between the convolution and the
 In training it runs as one kernel too (``normalised_first``): BatchNorm's batch statistics and
 everything its backward pass needs are sums gathered while each image's maps are made and
 pooled, so no 24x24 map is stored or given a gradient (a lenet-relu step at batch 256 went
-from 24 to 15 ms, benchmarks/train_step.py on a Sapphire Rapids machine). Evaluated, on
-BatchNorm's running statistics, it gets the first stage's convolution alone (``conv1``): its
-six maps written contiguous, as BatchNorm of six maps runs fastest, with none of the layout
-copies PyTorch's channels-last convolution needed.
+from 24 to 15 ms, benchmarks/train_step.py on a Sapphire Rapids machine). After its second
+convolution, and after both of lenet-plus's, BatchNorm, ReLU and pooling run compiled the
+same way (``normalised``), and lenet-relu's second convolution gets a compiled input
+gradient. Evaluated, on BatchNorm's running statistics, BatchNorm folds into the convolution
+and lenet's own ``first`` and ``second`` kernels run lenet-relu (``folded``). Where none of
+these covers a first convolution followed by BatchNorm, ``conv1`` writes its six maps
+contiguous, as BatchNorm of six maps runs fastest. (A gamma of exactly 0 pools the largest
+convolution output, where PyTorch pools a window's first pixel: every pixel is then beta,
+and only gamma's gradient can differ.)
 
 They are optional: where they were not built, or for inputs they do not cover (not float32 on
 the CPU, other shapes, bf16 autocast), `LeNet.training_forward` runs PyTorch's kernels.
@@ -376,14 +381,30 @@ class _Normalised(torch.autograd.Function):
 _MOST_NORMALISED_MAPS = 64
 
 
-def _normalisation_covers(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
-    """BatchNorm2d in training with running statistics, then ReLU, then 2x2 max-pooling."""
+def _batchnorm_fits(norm: nn.Module, conv: nn.Conv2d) -> bool:
+    """A BatchNorm2d of the convolution's maps with running statistics, all float32 on the
+    CPU (the kernels read and write them as such)."""
     return (
         type(norm) is nn.BatchNorm2d
+        and norm.num_features == conv.out_channels
+        and norm.track_running_stats
+        and norm.running_mean is not None
+        and norm.running_var is not None
+        and all(
+            t.dtype == torch.float32 and t.device.type == "cpu"
+            for t in (norm.running_mean, norm.running_var, *norm.parameters())
+        )
+    )
+
+
+def _normalisation_covers(
+    conv: nn.Conv2d, norm: nn.Module, relu: nn.Module, pool: nn.Module
+) -> bool:
+    """BatchNorm2d in training with running statistics, then ReLU, then 2x2 max-pooling."""
+    return (
+        _batchnorm_fits(norm, conv)
         and norm.training
         and norm.affine
-        and norm.track_running_stats
-        and norm.weight.dtype == torch.float32
         and type(relu) is nn.ReLU
         and type(pool) is nn.MaxPool2d
         and _plain_2x2(pool)
@@ -401,6 +422,7 @@ def normalised_covers(
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 4
+        and x.shape[0] > 0  # BatchNorm's statistics need pixels
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and conv.bias is None
@@ -408,7 +430,7 @@ def normalised_covers(
         and conv.padding_mode == "zeros"
         and conv.out_channels % 8 == 0
         and conv.out_channels <= _MOST_NORMALISED_MAPS
-        and _normalisation_covers(norm, relu, pool)
+        and _normalisation_covers(conv, norm, relu, pool)
         and not _autocast_on()
     ):
         return False
@@ -433,10 +455,8 @@ def folded_covers(
     """Whether ``folded`` can run: LeNet's first or second stage's shapes with BatchNorm on its
     running statistics (evaluation) between the convolution and the ReLU and pooling."""
     if not (
-        type(norm) is nn.BatchNorm2d
+        _batchnorm_fits(norm, conv)
         and not norm.training
-        and norm.track_running_stats
-        and norm.running_mean is not None
         and type(relu) is nn.ReLU
         and type(pool) is nn.MaxPool2d
         and _plain_2x2(pool)
@@ -476,8 +496,9 @@ def normalised_first_covers(
     2x2 max-pooling), float32 on the CPU, for an input that needs no gradient."""
     return (
         not x.requires_grad
+        and x.shape[0] > 0  # BatchNorm's statistics need pixels
         and conv.bias is None
-        and _normalisation_covers(norm, relu, pool)
+        and _normalisation_covers(conv, norm, relu, pool)
         and _conv_covers(x, conv, maps=1, side=28, out=6)
     )
 
