@@ -43,3 +43,26 @@ def test_metrics_agree_with_a_plain_numpy_computation():
     logits = torch.nn.functional.one_hot(torch.from_numpy(predicted), 10).float() * 5
     expected_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(truth)).item()
     assert abs(result.loss - expected_loss) < 1e-5
+
+
+def test_evaluation_through_the_compiled_stages_gives_forwards_answers(mnist, monkeypatch):
+    # Evaluation runs the models' cheaper order (lenet's compiled stages where they cover the
+    # model); on the 10,000 real test images it must answer as model.forward does.
+    from lenet import stages
+    from lenet.evaluation import predict_logits
+    from lenet.weights import load_weights
+
+    ran = []
+    original = stages._run
+    monkeypatch.setattr(stages, "_run", lambda *a, **k: ran.append(1) or original(*a, **k))
+    for name in ("lenet", "lenet-relu"):
+        loaded = load_weights(name)
+        ran.clear()
+        fast = predict_logits(loaded.model, mnist.test.images, loaded.normalization)
+        assert bool(ran) == stages.available(), name  # the compiled stages did run
+        plain = predict_logits(
+            loaded.model, mnist.test.images, loaded.normalization, compiled=False
+        )
+        assert fast.shape == plain.shape == (10_000, 10)
+        assert torch.equal(fast.argmax(1), plain.argmax(1)), name
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)

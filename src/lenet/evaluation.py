@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lenet.models import Normalization
+from lenet.models import Normalization, TrainingView
 
 
 @dataclass
@@ -95,19 +95,25 @@ def predict_logits(
     images: torch.Tensor,
     normalization: Normalization,
     batch_size: int = 1000,  # measured fastest on 2 cores: larger batches leave the cache
+    compiled: bool = True,
 ) -> torch.Tensor:
     """Logits (N, classes) on the CPU for uint8 ``images`` (N, 1, 28, 28), in eval mode.
 
-    Runs on the model's device; the model's train/eval mode is restored after.
+    Runs on the model's device; the model's train/eval mode is restored after. ``compiled``:
+    through the model's cheaper order (``TrainingView``: on a CPU, lenet's compiled stages where
+    they cover the model), the same logits to float32 rounding as ``model.forward``, which
+    False runs (an export's parity check compares with exactly what was exported). For the
+    10,000 MNIST test images and the tutorial's lenet: 0.11 against 0.62 s on 2 cores.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    forward = TrainingView(model) if compiled else model
     try:
         # No autograd graph: for a model in training it would keep every chunk's activations.
         with torch.no_grad():
             chunks = [
-                model(normalization.apply(images[start : start + batch_size].to(device)))
+                forward(normalization.apply(images[start : start + batch_size].to(device)))
                 .float()
                 .cpu()
                 for start in range(0, len(images), batch_size)

@@ -276,7 +276,8 @@ def torch_logits(loaded: LoadedWeights, images: np.ndarray) -> np.ndarray:
     from lenet.evaluation import predict_logits
 
     batch = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
-    return predict_logits(loaded.model, batch, loaded.normalization).numpy()
+    # model.forward itself, as exported (not lenet's compiled stages).
+    return predict_logits(loaded.model, batch, loaded.normalization, compiled=False).numpy()
 
 
 def compare(

@@ -34,7 +34,8 @@ and only gamma's gradient can differ.)
 
 They are optional: where they were not built, or for inputs they do not cover (not float32 on
 the CPU, other shapes, bf16 autocast), `LeNet.training_forward` runs PyTorch's kernels.
-Evaluation and export keep `forward`, PyTorch's kernels in the tutorial's order.
+Evaluation (`lenet evaluate`, validation during training, the torch backend) runs them too,
+through ``TrainingView``; export keeps `forward`, PyTorch's kernels in the tutorial's order.
 """
 
 from __future__ import annotations
