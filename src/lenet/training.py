@@ -526,13 +526,11 @@ def train(
             # Evaluated once, on rank 0: every rank then stops (or not) on the same figure.
             # Through the training order (for lenet, its compiled stages): the same logits to
             # float32 rounding, 0.08 against 0.21 s for the 5,000 images (counted in the run's
-            # training time). The test set, below, is evaluated by `forward`, as everywhere.
+            # training time). The test set, below, is evaluated the same way (evaluate_model).
             val = (
                 on_main(
                     distributed,
-                    lambda: evaluate_model(
-                        TrainingView(final), data.val.images, data.val.labels, norm
-                    ),
+                    lambda: evaluate_model(final, data.val.images, data.val.labels, norm),
                 )
                 if config.validation
                 else None
