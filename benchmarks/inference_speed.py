@@ -33,7 +33,7 @@ import onnxruntime as ort
 import torch
 from machine import cpu_model  # noqa: E402
 
-from lenet.backends import ONNX_CHUNK, bundled_onnx, normalize, onnx_session_options
+from lenet.backends import ONNX_CHUNK, TORCH_CHUNK, bundled_onnx, normalize, onnx_session_options
 from lenet.data import load_dataset
 from lenet.export import build_metadata, calibration_inputs, onnx_bytes, quantize_int8
 from lenet.models import TrainingView, get_model_spec
@@ -114,8 +114,10 @@ def torch_engines(model: torch.nn.Module, channels_last: bool) -> dict[str, Call
         # What lenet's torch backend runs: the model's cheaper order, through lenet's compiled
         # stages where they cover it (lenet; lenet-relu with its BatchNorm folded), under
         # inference_mode.
+        # In the backend's chunks (TORCH_CHUNK), as TorchModel.logits runs them.
         with torch.inference_mode():
-            return view(torch.from_numpy(x))
+            batch = torch.from_numpy(x)
+            return [view(batch[s : s + TORCH_CHUNK]) for s in range(0, len(batch), TORCH_CHUNK)]
 
     return {
         "torch eager (no_grad)": eager,

@@ -305,3 +305,22 @@ def test_what_is_not_a_digit_is_left_out(recognizer, test_digits):
     ))).convert("L")).copy()  # fmt: skip
     line[-6:-3, :] = 30
     assert recognizer.read(line).text == f"{labels[0]}{labels[1]}"
+
+
+def test_torch_backend_answers_a_large_batch_in_chunks_as_forward_does(mnist):
+    # The torch backend runs large batches in chunks through lenet's compiled stages; the
+    # logits must be forward's, in order, across the chunks' seams.
+    import torch
+
+    from lenet.backends import TORCH_CHUNK
+
+    recognizer = Recognizer.load("lenet-relu", backend="torch")
+    images = mnist.test.images[: TORCH_CHUNK + 37, 0].numpy()
+    got = recognizer.backend.logits(images)
+    loaded = recognizer.weights
+    with torch.no_grad():
+        batch = loaded.normalization.apply(torch.from_numpy(images).unsqueeze(1))
+        expected = loaded.model.eval()(batch).numpy()
+    assert got.shape == (TORCH_CHUNK + 37, 10)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert (got.argmax(1) == expected.argmax(1)).all()

@@ -34,6 +34,11 @@ METADATA_VERSION = 1
 # onnxruntime is fastest on this network in chunks that stay in the CPU's cache: one call on
 # 10,000 images ran at half the speed of calls on 256 (benchmarks/inference_speed.py).
 ONNX_CHUNK = 256
+# The torch backend's chunks: lenet-relu through lenet's compiled stages ran at 117,000-119,000
+# images/s in chunks of 4,000 against 100,000-102,000 in one call on 10,000 (the first stage's
+# maps of 10,000 images are 35 MB), and the tutorial's lenet as fast either way (ad-hoc sweep of
+# 10,000, 4,000, 2,000 and 1,000, alternated, two runs); a chunk also bounds the memory.
+TORCH_CHUNK = 4000
 
 
 class Backend(Protocol):
@@ -95,13 +100,17 @@ class TorchModel:
             batch = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
             model = self.weights.model
             device = next(model.parameters()).device
-            inputs = self.weights.normalization.apply(batch.to(device))
+            norm = self.weights.normalization
             # The model's cheaper order: on a CPU, lenet's compiled stages where they cover it
             # (the tutorial's lenet, and lenet-relu with its BatchNorm folded into them), the
             # same logits to float32 rounding; 84,000 and 113,000 images/s against 24,000 and
             # 24,000 for `model(inputs)` (benchmarks/inference_speed.py, batches of 10,000).
             forward = getattr(model, "training_forward", model)  # TrainingView's, unwrapped
-            return forward(inputs).float().cpu().numpy()
+            chunks = [
+                forward(norm.apply(batch[start : start + TORCH_CHUNK].to(device))).float().cpu()
+                for start in range(0, len(batch), TORCH_CHUNK)
+            ]
+            return torch.cat(chunks).numpy() if chunks else np.zeros((0, 10), np.float32)
 
 
 def onnx_session_options(threads: int | None = 1) -> Any:
