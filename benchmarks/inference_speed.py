@@ -117,7 +117,9 @@ def torch_engines(model: torch.nn.Module, channels_last: bool) -> dict[str, Call
         # In the backend's chunks (TORCH_CHUNK), as TorchModel.logits runs them.
         with torch.inference_mode():
             batch = torch.from_numpy(x)
-            return [view(batch[s : s + TORCH_CHUNK]) for s in range(0, len(batch), TORCH_CHUNK)]
+            return torch.cat(
+                [view(batch[s : s + TORCH_CHUNK]) for s in range(0, len(batch), TORCH_CHUNK)]
+            )
 
     return {
         "torch eager (no_grad)": eager,
