@@ -507,18 +507,22 @@ def _folding(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch
         kept = _FOLDINGS.get(norm)
         if kept is not None and kept[0] == norm.eps and _same(kept[1], sources):
             return kept[2], kept[3]
-    scale = (norm.running_var + norm.eps).rsqrt()
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    bias = -norm.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    if norm.bias is not None:
-        bias = bias + norm.bias
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
     if not recording:
-        copies = tuple(t.detach().clone() if t is not None else None for t in sources)
-        _FOLDINGS[norm] = (norm.eps, copies, weight, bias)
+        # Folded from copies, so the kept folding is that of the values it is compared with
+        # even if another thread changed the model meanwhile.
+        sources = tuple(t.detach().clone() if t is not None else None for t in sources)
+    conv_weight, conv_bias, gamma, beta, mean, var = sources
+    scale = (var + norm.eps).rsqrt()
+    if gamma is not None:
+        scale = scale * gamma
+    bias = -mean * scale
+    if conv_bias is not None:
+        bias = bias + conv_bias * scale
+    if beta is not None:
+        bias = bias + beta
+    weight = conv_weight * scale.view(-1, 1, 1, 1)
+    if not recording:
+        _FOLDINGS[norm] = (norm.eps, sources, weight, bias)
     return weight, bias
 
 
