@@ -103,8 +103,9 @@ class TorchModel:
             norm = self.weights.normalization
             # The model's cheaper order: on a CPU, lenet's compiled stages where they cover it
             # (the tutorial's lenet, and lenet-relu with its BatchNorm folded into them), the
-            # same logits to float32 rounding; 84,000 and 113,000 images/s against 24,000 and
-            # 24,000 for `model(inputs)` (benchmarks/inference_speed.py, batches of 10,000).
+            # same logits to float32 rounding; 115,000 (lenet-relu) and 99,000 (lenet) images/s
+            # against 16,000 and 15,000 for `model(inputs)` (benchmarks/inference_speed.py,
+            # batches of 10,000, stop 23).
             forward = getattr(model, "training_forward", model)  # TrainingView's, unwrapped
             chunks = [
                 forward(norm.apply(batch[start : start + TORCH_CHUNK].to(device))).float().cpu()
