@@ -507,7 +507,6 @@ def _folding(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch
         kept = _FOLDINGS.get(norm)
         if kept is not None and kept[0] == norm.eps and _same(kept[1], sources):
             return kept[2], kept[3]
-    if not recording:
         # Folded from copies, so the kept folding is that of the values it is compared with
         # even if another thread changed the model meanwhile.
         sources = tuple(t.detach().clone() if t is not None else None for t in sources)
