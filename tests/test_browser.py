@@ -138,6 +138,28 @@ def test_undo_clear_and_the_keyboard(server, browser):
     shown(browser, "digit", "–")
 
 
+def test_the_keyboard_pen_is_lifted_by_clear_undo_and_escape(server, browser):
+    browser.get(server + "/")
+    pad = browser.find_element(By.ID, "pad")
+    # Cleared while the pen was down: the arrows draw nothing (they used to raise a TypeError
+    # on every press), and Space then lowers the pen again, so a 1 can be drawn.
+    pad.send_keys(Keys.SPACE, Keys.ARROW_DOWN * 5, Keys.DELETE, Keys.ARROW_DOWN * 3)
+    assert browser.execute_script("return strokes.length") == 0
+    pad.send_keys(Keys.ARROW_UP * 17, Keys.SPACE, Keys.ARROW_DOWN * 18, Keys.SPACE)
+    shown(browser, "digit", "1")
+    one = browser.execute_script("return JSON.stringify(strokes)")
+    # A stroke begun to the right and undone while the pen was down: the arrows that follow
+    # must not extend the 1 (they drew a line from its end to the pen).
+    pad.send_keys(Keys.ARROW_RIGHT * 5, Keys.SPACE, Keys.ARROW_RIGHT * 3, Keys.BACKSPACE)
+    pad.send_keys(Keys.ARROW_UP * 6)
+    assert browser.execute_script("return JSON.stringify(strokes)") == one
+    # Escape lifts the pen and keeps the drawing.
+    pad.send_keys(Keys.SPACE, Keys.ARROW_UP, Keys.ESCAPE, Keys.ARROW_UP * 3)
+    strokes = browser.execute_script("return strokes")
+    assert len(strokes) == 2 and len(strokes[1]) == 2
+    shown(browser, "digit", "1")
+
+
 def test_several_digits_in_a_row(server, browser):
     browser.get(server + "/")
     browser.find_element(By.ID, "multi").click()

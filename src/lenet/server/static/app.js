@@ -18,7 +18,10 @@ const DEBOUNCE_MS = 120;
 
 let strokes = []; // each stroke: an array of [x, y] in canvas pixels
 let current = null; // the stroke being drawn, if any
-let keyPen = { x: 140, y: 140, down: false, shown: false };
+// The keyboard's pen: where it is, and the stroke it draws while it is down (null: lifted).
+// Its own stroke, not the last one: undo, clear or a mouse stroke in between must not make
+// the arrows extend some other stroke.
+let keyPen = { x: 140, y: 140, stroke: null, shown: false };
 
 // ---- drawing -------------------------------------------------------------------------
 
@@ -45,7 +48,7 @@ function redraw() {
 function drawCursor() {
   cursorCtx.clearRect(0, 0, cursor.width, cursor.height);
   if (!keyPen.shown) return;
-  cursorCtx.strokeStyle = keyPen.down ? "#c22" : "#2457c5";
+  cursorCtx.strokeStyle = keyPen.stroke ? "#c22" : "#2457c5";
   cursorCtx.lineWidth = 2;
   cursorCtx.beginPath();
   cursorCtx.arc(keyPen.x, keyPen.y, PEN_WIDTH / 2, 0, 2 * Math.PI);
@@ -66,6 +69,7 @@ pad.addEventListener("pointerdown", (event) => {
   pad.setPointerCapture(event.pointerId);
   current = [toCanvas(event)];
   strokes.push(current);
+  liftKeyPen();
   redraw();
   changed();
 });
@@ -87,9 +91,14 @@ function endStroke() {
 pad.addEventListener("pointerup", endStroke);
 pad.addEventListener("pointercancel", endStroke);
 
+function liftKeyPen() {
+  keyPen.stroke = null;
+}
+
 function undo() {
   strokes.pop();
   current = null;
+  liftKeyPen(); // its stroke may be the one undone
   redraw();
   changed();
 }
@@ -97,6 +106,7 @@ function undo() {
 function clearAll() {
   strokes = [];
   current = null;
+  liftKeyPen();
   redraw();
   changed();
 }
@@ -111,7 +121,8 @@ document.addEventListener("keydown", (event) => {
   }
 });
 
-// Drawing with the keyboard: arrows move the pen, Space lowers or lifts it.
+// Drawing with the keyboard: arrows move the pen, Space (or Enter) lowers or lifts it, Escape
+// lifts it.
 pad.addEventListener("keydown", (event) => {
   const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
   if (event.key in moves) {
@@ -120,30 +131,35 @@ pad.addEventListener("keydown", (event) => {
     keyPen.x = Math.min(pad.width, Math.max(0, keyPen.x + dx * KEY_STEP));
     keyPen.y = Math.min(pad.height, Math.max(0, keyPen.y + dy * KEY_STEP));
     keyPen.shown = true;
-    if (keyPen.down) {
-      strokes[strokes.length - 1].push([keyPen.x, keyPen.y]);
+    if (keyPen.stroke) {
+      keyPen.stroke.push([keyPen.x, keyPen.y]);
       changed();
     }
     redraw();
   } else if (event.key === " " || event.key === "Enter") {
     event.preventDefault();
     keyPen.shown = true;
-    keyPen.down = !keyPen.down;
-    if (keyPen.down) {
-      strokes.push([[keyPen.x, keyPen.y]]);
+    if (keyPen.stroke) {
+      liftKeyPen();
+    } else {
+      keyPen.stroke = [[keyPen.x, keyPen.y]];
+      strokes.push(keyPen.stroke);
       changed();
     }
     redraw();
   } else if (event.key === "Backspace") {
     event.preventDefault();
     undo();
-  } else if (event.key === "Delete" || event.key === "Escape") {
+  } else if (event.key === "Delete") {
     event.preventDefault();
     clearAll();
+  } else if (event.key === "Escape") {
+    liftKeyPen();
+    drawCursor();
   }
 });
 pad.addEventListener("blur", () => {
-  keyPen.down = false;
+  liftKeyPen();
   keyPen.shown = false;
   drawCursor();
 });
