@@ -439,17 +439,32 @@ def test_a_part_sent_without_a_filename_keeps_its_bytes(client, test_digits):
         assert answer.json()["digit"] == labels[7]
 
 
-def test_text_parts_give_back_the_bytes_starlette_decoded():
-    from starlette.formparsers import _user_safe_decode
-
-    from lenet.server.uploads import text_part_bytes
-
-    rng = np.random.default_rng(5)
-    samples = [rng.bytes(n) for n in (1, 8, 100, 5000)]  # binary: not UTF-8
-    samples += [b"plain text", "Zürich 数字 ①".encode(), b"\x89PNG\r\n\x1a\n\x00"]
-    for raw in samples:
-        assert text_part_bytes(_user_safe_decode(raw, "utf-8"), "utf-8") == raw
-        assert text_part_bytes(_user_safe_decode(raw, "latin-1"), "latin-1") == raw
+def test_a_part_without_a_filename_is_read_as_sent_even_when_it_is_valid_utf8(
+    client, test_digits
+):
+    # Such a part's bytes were recovered from Starlette's text of them, which cannot tell
+    # Latin-1 from UTF-8 when the bytes are valid UTF-8 and its characters all below 256.
+    images, labels = test_digits
+    # A 24-bit BMP (bytes blue, green, red) whose ink pixels are 20 C3 A9: a space and "é".
+    ink = images[3] > 60
+    pixels = np.full((28, 28, 3), 0x20, np.uint8)
+    pixels[ink] = (0xA9, 0xC3, 0x20)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "BMP", dpi=(72, 72))  # 96 dpi writes a C4 byte
+    raw = buffer.getvalue()
+    assert "é" in raw.decode("utf-8")  # the case that was lost
+    for disposition in (b'name="image"', b'name="image"; filename="d.bmp"'):
+        body = (
+            b"--xyz\r\nContent-Disposition: form-data; " + disposition + b"\r\n\r\n"
+            + raw + b"\r\n--xyz--\r\n"
+        )  # fmt: skip
+        answer = client.post(
+            "/v1/predict",
+            content=body,
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        )
+        assert answer.status_code == 200, (disposition, answer.text)
+        assert answer.json()["digit"] == labels[3]
 
 
 def _raw_request(base, request, read=True):

@@ -8,7 +8,6 @@ content type (``curl --data-binary @digit.png -H 'Content-Type: image/png'``).
 from __future__ import annotations
 
 import asyncio
-import codecs
 from collections.abc import AsyncIterator
 
 from starlette.datastructures import UploadFile
@@ -100,14 +99,27 @@ async def read_upload(request: Request, limit: int, stall_s: float = 10.0) -> by
     return body
 
 
+class _BytesFormParser(MultiPartParser):
+    """Starlette's multipart parser, except that a part sent without a filename (``curl -F
+    'image=<digit.png'``) keeps the bytes it came with. Starlette decodes such a part to text
+    (UTF-8, else Latin-1), and a picture's bytes cannot always be told back from that text."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            self.items.append((part.field_name, bytes(part.data)))
+        else:
+            super().on_part_end()
+
+
 async def _form_file(request: Request, body: bytes, limit: int) -> bytes:
-    parser = MultiPartParser(
+    parser = _BytesFormParser(
         request.headers, _once(body), max_files=1, max_fields=16, max_part_size=limit
     )
     try:
         form = await parser.parse()
     except MultiPartException as exc:
-        raise BadUpload(f"The multipart form could not be read: {exc}.") from None
+        raise BadUpload(f"The multipart form could not be read: {str(exc).rstrip('.')}.") from None
     try:
         field = form.get(FIELD)
         if field is None:
@@ -118,38 +130,6 @@ async def _form_file(request: Request, body: bytes, limit: int) -> bytes:
             )
         if isinstance(field, UploadFile):
             return await field.read()
-        # A part sent without a filename (curl -F 'image=<digit.png'): Starlette hands it over
-        # as text. Its bytes are recovered exactly; if it really is text, the decoder says so.
-        return text_part_bytes(field, _form_charset(request))
+        return field  # a part without a filename: its bytes as sent
     finally:
         await form.close()
-
-
-def _form_charset(request: Request) -> str:
-    """The charset Starlette decodes a form's text parts with: the request's, else UTF-8."""
-    for param in request.headers.get("content-type", "").split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "charset":
-            try:
-                return codecs.lookup(value.strip('"')).name
-            except LookupError:
-                return "latin-1"  # what Starlette falls back to for an unknown charset
-    return "utf-8"
-
-
-def text_part_bytes(text: str, charset: str = "utf-8") -> bytes:
-    """The bytes of a form part that Starlette decoded into ``text``.
-
-    Starlette decodes a part with ``charset`` when its bytes are valid in it, else as
-    Latin-1. Both readings can give the same text (any text whose characters are all below
-    256); then Latin-1 is taken, since a picture's bytes are almost never valid UTF-8.
-    """
-    try:
-        raw = text.encode("latin-1")
-    except UnicodeEncodeError:
-        return text.encode(charset)
-    try:
-        consistent = raw.decode(charset) == text  # plain ASCII: both readings agree
-    except UnicodeDecodeError:
-        consistent = True  # not valid in charset: Starlette did fall back to Latin-1
-    return raw if consistent else text.encode(charset)
