@@ -83,6 +83,15 @@ def test_health_readiness_models_and_docs(client):
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/png"} <= set(body)
     assert {"PredictionOut", "ReadingOut", "ErrorOut"} <= set(spec["components"]["schemas"])
+    # The documented answers are the ones given: text for /metrics, 503 from /readyz, 408
+    # for a stalled upload, 501 from /v1/explain without PyTorch.
+    paths = spec["paths"]
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert "503" in paths["/readyz"]["get"]["responses"]
+    assert {"408", "413", "415", "422", "503"} <= set(paths["/v1/predict"]["post"]["responses"])
+    assert "501" in paths["/v1/explain"]["post"]["responses"]
+    # One docs page, offline: ReDoc's script fetches its logo from the internet.
+    assert client.get("/redoc").status_code == 404
 
 
 def test_every_kind_of_picture_gets_the_cli_answer(client, recognizer, test_digits):
@@ -247,9 +256,27 @@ def test_predictions_and_latency_are_counted(client, test_digits):
     )
     assert count >= 1
     # Unknown paths are counted under one label, not one series per path.
+    unmatched = metric(
+        client, "lenet_http_requests_total", route="unmatched", method="GET", status=404
+    )
     client.get("/no/such/page")
     assert "/no/such/page" not in client.get("/metrics").text
     assert client.get("/no/such/page").json()["status"] == 404
+    # Routes of Starlette's own (the OpenAPI document, static files) by their templates too,
+    # not with the unknown paths.
+    for path, route in [
+        ("/openapi.json", "/openapi.json"),
+        ("/static/app.js", "/static/{path}"),
+        ("/static/style.css", "/static/{path}"),
+    ]:
+        before = metric(client, "lenet_http_requests_total", route=route, method="GET", status=200)
+        assert client.get(path).status_code == 200
+        after = metric(client, "lenet_http_requests_total", route=route, method="GET", status=200)
+        assert after == before + 1, path
+    counted = metric(
+        client, "lenet_http_requests_total", route="unmatched", method="GET", status=404
+    )
+    assert counted == unmatched + 2
 
 
 @settings(
@@ -439,9 +466,7 @@ def test_a_part_sent_without_a_filename_keeps_its_bytes(client, test_digits):
         assert answer.json()["digit"] == labels[7]
 
 
-def test_a_part_without_a_filename_is_read_as_sent_even_when_it_is_valid_utf8(
-    client, test_digits
-):
+def test_a_part_without_a_filename_is_read_as_sent_even_when_it_is_valid_utf8(client, test_digits):
     # Such a part's bytes were recovered from Starlette's text of them, which cannot tell
     # Latin-1 from UTF-8 when the bytes are valid UTF-8 and its characters all below 256.
     images, labels = test_digits

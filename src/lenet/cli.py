@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="the HTTP API and the drawing page (needs the serve extra)",
         description="Serve the digit reader over HTTP: POST /v1/predict, POST /v1/read, "
-        "GET /v1/models, /healthz, /readyz, /metrics, the API docs at /docs and a drawing "
-        "page at /.",
+        "POST /v1/explain, GET /v1/models, /healthz, /readyz, /metrics, the API docs at /docs "
+        "and a drawing page at /.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")

@@ -25,7 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -350,9 +350,11 @@ def create_app(
         finally:
             service.close()
 
-    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from files in
-    # the fastapi-offline package instead of a CDN, so the docs work without the internet.
+    # FastAPIOffline: FastAPI whose /docs loads Swagger UI from files in the fastapi-offline
+    # package instead of a CDN, so the docs work without the internet. No ReDoc page: its
+    # script fetches a logo from the internet.
     app = FastAPIOffline(
+        redoc_url=None,
         title="lenet",
         version=__version__,
         description="Read handwritten digits in pictures with LeNet. Send a picture as a "
@@ -447,7 +449,7 @@ def create_app(
         summary="What the network sees: its input, filters, feature maps and a saliency map",
         description="The same JSON as `lenet explain --json` (without `file`): every picture "
         "is a base64 PNG at its true size. 422 when the picture holds no digit.",
-        responses=schemas.ERROR_RESPONSES,
+        responses={**schemas.ERROR_RESPONSES, **schemas.NOT_AVAILABLE},
         openapi_extra=schemas.UPLOAD_BODY,
     )
     async def explain_route(request: Request) -> Any:
@@ -476,14 +478,22 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/readyz", summary="The model is loaded and passed its self-test")
+    @app.get(
+        "/readyz",
+        summary="The model is loaded and passed its self-test",
+        responses={503: {"model": schemas.ErrorOut, "description": "not ready: why not"}},
+    )
     async def readyz() -> JSONResponse:
         problem = service.problem()
         if problem is not None or service.recognizer is None:
             return _error(503, f"Not ready: {problem}.")
         return JSONResponse({"status": "ready", "model": service.recognizer.name})
 
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (text exposition format)",
+        response_class=PlainTextResponse,
+    )
     async def prometheus() -> Response:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)

@@ -21,6 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.routing import Match, Mount
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -113,11 +114,27 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        root_path = scope.get("root_path", "")  # a mount that answers extends it
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = _template({**scope, "root_path": root_path})
             labels = {"route": template, "method": scope["method"], "status": str(status)}
             self.metrics.requests.labels(**labels).inc()
             self.metrics.latency.labels(**labels).observe(time.perf_counter() - start)
+
+
+def _template(scope: Scope) -> str:
+    """The template of the route that answered a request, or "unmatched" (a 404).
+
+    FastAPI's routes note themselves in the scope. Starlette's own do not: the docs pages,
+    /openapi.json, and the mounts of static files, which count as "/static/{path}"; those are
+    matched again here, which costs nothing on the API's routes.
+    """
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        if route.matches(scope)[0] is Match.FULL:
+            return f"{route.path}/{{path}}" if isinstance(route, Mount) else route.path
+    return "unmatched"

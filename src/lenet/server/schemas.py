@@ -64,10 +64,16 @@ class ErrorOut(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    408: {"model": ErrorOut, "description": "the upload stopped arriving"},
     413: {"model": ErrorOut, "description": "upload or picture too large"},
     415: {"model": ErrorOut, "description": "not an accepted image format"},
     422: {"model": ErrorOut, "description": "empty, undecodable, or no `image` field"},
     503: {"model": ErrorOut, "description": "busy or too slow: retry later"},
+}
+
+# /v1/explain on an installation without PyTorch (or without the weights an .onnx came from).
+NOT_AVAILABLE: dict[int | str, dict[str, Any]] = {
+    501: {"model": ErrorOut, "description": "not available in this installation: what is missing"}
 }
 
 _BINARY = {"type": "string", "format": "binary"}
