@@ -151,14 +151,41 @@ def test_bad_files_give_clear_errors(tmp_path):
         (png[: len(png) // 2], ImageError, "damaged or truncated"),
         (jpeg[:200], ImageError, "damaged or truncated"),
         (text, ImageError, "not an image"),
-        (userstyle.png_claiming(100_000, 100_000), ImageTooLarge, "over the limit"),
+        # Pillow's own guard meets it first: one limit in the message, lenet's.
+        (
+            userstyle.png_claiming(100_000, 100_000),
+            ImageTooLarge,
+            r"limit of 40,000,000 pixels lenet decodes \(it has 10,000,000,000\)\. Scale",
+        ),
         (userstyle.png_claiming(8_000, 8_000), ImageTooLarge, "64,000,000 pixels, over the limit"),
         (encode(Image.new("L", (20, 20)), "PPM"), UnsupportedImageFormat, "PPM images"),
         (tmp_path / "missing.png", ImageError, "no such file"),
+        # Formats Pillow cannot even identify, refused as formats (415), not as damaged.
+        (b"%PDF-1.7\n1 0 obj <<>> endobj", UnsupportedImageFormat, "PDF files are not"),
+        (
+            b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+            UnsupportedImageFormat,
+            "SVG",
+        ),
+        (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64), UnsupportedImageFormat, "HEIC"),
+        (12, ImageError, "from an int"),
     ]
     for source, error, words in cases:
         with pytest.raises(error, match=words):
             preprocess(source)
+    svg = tmp_path / "digit.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg"><path d="M5 5v20"/></svg>')
+    with pytest.raises(UnsupportedImageFormat, match="SVG files are not accepted"):
+        preprocess(svg)
+    # A file opened in text mode fails on the picture's first bytes; a closed one cannot be read.
+    picture = tmp_path / "digit.png"
+    picture.write_bytes(png)
+    with open(picture) as text_mode, pytest.raises(ImageError, match="mode 'rb'"):
+        preprocess(text_mode)
+    with open(picture, "rb") as closed:
+        pass
+    with pytest.raises(ImageError, match="cannot be read .*closed"):
+        preprocess(closed)
     assert ImageTooLarge.status == 413 and UnsupportedImageFormat.status == 415
 
 

@@ -79,9 +79,13 @@ def test_a_long_line_of_digits_is_read(recognizer, test_digits):
 
 
 def test_predict_batch_refuses_one_picture_that_would_be_taken_apart(recognizer, tmp_path):
-    for one in ("digit.png", tmp_path / "digit.png", b"\x89PNG..."):
+    colour = np.zeros((300, 400, 3), np.uint8)  # once read as 300 pictures of 400x3 pixels
+    ones = ("digit.png", tmp_path / "digit.png", b"\x89PNG...", colour, colour[..., 0])
+    for one in (*ones, Image.fromarray(colour)):
         with pytest.raises(TypeError, match="list of pictures"):
             recognizer.predict_batch(one)
+    # An (N, H, W) array is a batch of grey pictures.
+    assert len(recognizer.predict_batch(np.zeros((3, 28, 28), np.uint8))) == 3
 
 
 def blank(kind):
@@ -201,6 +205,19 @@ def test_predict_cli_multi_and_table(test_digits, tmp_path):
     assert [len(d["box"]) for d in answer["digits"]] == [4, 4, 4]
     table = lenet_cli("predict", str(picture), "--topk", "3").stdout.decode()
     assert "top:" in table and str(picture) in table
+    # --topk ranks one digit: refused with --multi, an empty ranking when there is none.
+    both = lenet_cli("predict", str(picture), "--multi", "--topk", "3")
+    assert both.returncode == 2 and "--topk" in both.stderr.decode()
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(blank("paper"))
+    answer = json.loads(lenet_cli("predict", str(empty), "--topk", "3", "--json").stdout)
+    assert answer["reason"] == "no digit found" and answer["top"] == []
+    # --save-inputs names a folder: a file there is refused before any picture is read.
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    refused = lenet_cli("predict", str(picture), "--save-inputs", str(taken))
+    assert refused.returncode == 2 and "is a file" in refused.stderr.decode()
+    assert b"number.jpg" not in refused.stdout
 
 
 def test_touching_digits_are_separated_where_they_can_be(recognizer, test_digits):

@@ -611,11 +611,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         unsure_below=args.unsure_below or UNSURE_BELOW,
         backend=command_line_backend(args.weights, args.backend),
     )
+    if args.multi and args.topk > 1:
+        raise LenetError("--topk is for one digit a picture: leave it out with --multi.")
     files = _expand(args.paths)
     if not files:
         raise LenetError("No image files found in the given folder(s).")
     failed = 0
     save = Path(args.save_inputs) if args.save_inputs else None
+    if save is not None and save.exists() and not save.is_dir():
+        raise LenetError(f"--save-inputs {save} is a file: give a folder (made if missing).")
     if not args.json:
         header = "text" if args.multi else "digit  confidence"
         print(f"{header:<18} file")
@@ -634,7 +638,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"file": name, "error": message}), flush=True)
             else:
-                print(f"{'error':<18} {name}: {message}", flush=True)
+                # Messages about a file often begin with its path already.
+                where = "" if message.startswith(str(name)) else f"{name}: "
+                print(f"{'error':<18} {where}{message}", flush=True)
             continue
         if save is not None:
             save.mkdir(parents=True, exist_ok=True)
@@ -646,7 +652,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.json:
             if args.topk > 1 and not args.multi:
                 probabilities = answers[0].probabilities
-                order = np.argsort(probabilities)[::-1][: args.topk] if probabilities else []
+                # No digit, no ranking (its probabilities are ten zeros).
+                found = answers[0].reason != NO_DIGIT
+                order = np.argsort(probabilities)[::-1][: args.topk] if found else []
                 result["top"] = [
                     {"digit": int(k), "probability": round(probabilities[k], 6)} for k in order
                 ]
@@ -660,7 +668,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             answer = answers[0]
             if answer.reason == NO_DIGIT:
-                print(f"{'-':<5}  {'no digit found':<10} {name}", flush=True)
+                print(f"{'-':<5}  {'no digit':<10} {name}", flush=True)
                 continue
             shown = str(answer.digit) if answer.digit is not None else f"?{answer.best_guess}"
             line = f"{shown:<5}  {answer.confidence:<10.4f} {name}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -88,7 +89,12 @@ def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | No
             data = bytes(source)
             opened = io.BytesIO(data)
         elif hasattr(source, "read"):
-            read = source.read()
+            try:
+                read = source.read()
+            except UnicodeDecodeError:  # a text-mode file fails on a picture's first bytes
+                read = ""
+            except (OSError, ValueError) as exc:  # closed, or not readable
+                raise ImageError(f"The file object cannot be read ({exc}).") from None
             if isinstance(read, str):
                 raise ImageError("The file was opened in text mode: open it with mode 'rb'.")
             if not read:
@@ -96,22 +102,30 @@ def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | No
             data = bytes(read)
             opened = io.BytesIO(data)
         else:
+            name = type(source).__name__
             raise ImageError(
-                f"Cannot read an image from a {type(source).__name__}: give a path, bytes, a "
-                "file object, a PIL image or a numpy array."
+                f"Cannot read an image from {'an' if name[0] in 'aeiou' else 'a'} {name}: give a "
+                "path, bytes, a file object, a PIL image or a numpy array."
             )
         try:
             image = Image.open(opened)
         except UnidentifiedImageError:
+            known = _other_format(_head(source, data))
+            if known is not None:
+                raise UnsupportedImageFormat(
+                    f"{known} files are not accepted; save the picture as PNG or JPEG. "
+                    f"Supported: {SUPPORTED}."
+                ) from None
             raise ImageError(
                 f"This is not an image lenet can read (or it is damaged). Supported: {SUPPORTED}."
             ) from None
         except Image.DecompressionBombError as exc:
             # Pillow's own guard, met before lenet's check (which needs the size it refuses).
+            claimed = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f" (it has {int(claimed.group(1)):,})" if claimed else ""
             raise ImageTooLarge(
-                f"The image is over the limit of {max_pixels:,} pixels lenet decodes: "
-                f"{str(exc).rstrip('.')}. Scale it down (a digit needs only a few hundred pixels a "
-                "side)."
+                f"The image is over the limit of {max_pixels:,} pixels lenet decodes{size}. "
+                "Scale it down (a digit needs only a few hundred pixels a side)."
             ) from None
         except Exception as exc:  # decoders raise many types on damaged headers
             raise ImageError(
@@ -140,6 +154,41 @@ def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | No
     ):
         data = Path(source).read_bytes()  # Pillow would read all of it to decode it
     return image, data
+
+
+def _head(source: ImageSource, data: bytes | None) -> bytes:
+    """The first bytes of a file Pillow could not identify (for ``_other_format``)."""
+    if data is not None:
+        return data[:512]
+    try:
+        with open(source, "rb") as file:  # type: ignore[arg-type]
+            return file.read(512)
+    except (OSError, TypeError):
+        return b""
+
+
+def _other_format(head: bytes) -> str | None:
+    """The name of a common non-raster format that ``head`` starts like (documents, vector
+    drawings, phone photos Pillow has no decoder for), so that it is refused as a format (415)
+    with what to do, not as a damaged image."""
+    if head.startswith(b"%PDF"):
+        return "PDF"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"<svg") or (
+        text.startswith((b"<?xml", b"<!doctype svg")) and b"<svg" in text
+    ):
+        return "SVG"
+    if head[4:8] == b"ftyp" and head[8:12] in (
+        b"heic",
+        b"heix",
+        b"hevc",
+        b"heim",
+        b"heis",
+        b"mif1",
+        b"msf1",
+    ):
+        return "HEIC (HEIF)"
+    return None
 
 
 def _composite(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:

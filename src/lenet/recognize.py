@@ -36,13 +36,24 @@ NO_DIGIT = "no digit found"
 UNSURE = "unsure"
 
 
+def _one_picture(images: object) -> bool:
+    """Whether ``images``, given as a batch, is really one picture: a path, bytes, a PIL image,
+    or an array of one picture, (H, W) grey or (H, W, 1-4) colour. An (N, H, W) array is a
+    batch of grey pictures, unless its last side is 1 to 4 pixels: then it is a colour one."""
+    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)):
+        return True
+    if isinstance(images, np.ndarray):
+        return images.ndim == 2 or (images.ndim == 3 and images.shape[2] <= 4)
+    return hasattr(images, "getpixel")  # a PIL image (not iterable as pictures)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The answer for one digit."""
 
     digit: int | None  # None: no digit found, or unsure
     confidence: float  # calibrated probability of best_guess; 0 when there is no digit
-    probabilities: list[float]  # calibrated, one per digit 0-9; empty when there is no digit
+    probabilities: list[float]  # calibrated, one per digit 0-9; ten zeros when there is no digit
     best_guess: int | None = None
     reason: str | None = None  # None, "no digit found" or "unsure"
     image: np.ndarray | None = None  # the (28, 28) uint8 input the model saw
@@ -185,13 +196,13 @@ class Recognizer:
         A picture that cannot be read gets a Prediction with ``error`` set; the others are
         answered all the same.
         """
-        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)):
+        if _one_picture(images):
             # A single picture would be taken apart (a path into characters, bytes into
-            # numbers): refused rather than answered nonsensically. (An (N, H, W) array is a
-            # batch: its rows are pictures.)
+            # numbers, an array into rows): refused rather than answered nonsensically.
+            shape = f" of shape {images.shape}" if isinstance(images, np.ndarray) else ""
             raise TypeError(
-                f"predict_batch takes a list of pictures, not one {type(images).__name__}: "
-                "use predict() for one picture, or pass [picture]."
+                f"predict_batch takes a list of pictures, not one {type(images).__name__}"
+                f"{shape}: use predict() for one picture, or pass [picture]."
             )
         digits: list[Digit | None] = []
         errors: dict[int, str] = {}
