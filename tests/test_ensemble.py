@@ -114,7 +114,7 @@ def test_unsound_ensembles_are_refused_with_a_reason(members, ensemble, tmp_path
         build_ensemble([members[0]], tmp_path / "one.safetensors")
     with pytest.raises(WeightsError, match="itself an ensemble"):
         build_ensemble([members[0], ensemble.path], tmp_path / "nested.safetensors")
-    with pytest.raises(WeightsError, match="without model.safetensors"):
+    with pytest.raises(WeightsError, match="holds no model.safetensors: it is not a run folder"):
         build_ensemble([members[0], tmp_path], tmp_path / "folder.safetensors")
     with pytest.raises(WeightsError, match=r"\.safetensors file"):
         build_ensemble(members, tmp_path / "pair.onnx")

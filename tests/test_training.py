@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from lenet.checkpoint import CHECKPOINT_NAME
@@ -255,6 +256,12 @@ def test_cli_data_info_and_models(mnist):
         (["train", "--epochs", "0"], "must be a positive whole number"),
         (["train", "--optimizer", "rmsprop"], "invalid choice"),
         (["evaluate", "missing.safetensors"], "neither a weights file nor a bundled model"),
+        # A model's outputs are its own dataset's classes (and nothing is downloaded).
+        (
+            ["evaluate", "lenet-relu", "--dataset", "fashion-mnist"],
+            "was trained on mnist, so it cannot be evaluated on fashion-mnist",
+        ),
+        (["report", "lenet", "--dataset", "fashion-mnist"], "cannot be evaluated on"),
         (
             ["train", "--no-validation", "--target-accuracy", "0.9"],
             "--no-validation trains without a validation split",
@@ -265,6 +272,30 @@ def test_cli_bad_input_gets_a_clear_message(args, message, tmp_path):
     done = _lenet(*args, check=False)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_folder_names_its_weights_and_a_picture_is_not_weights(tmp_path):
+    from lenet.weights import bundled_weights, card_path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    bundled = bundled_weights()["lenet"]
+    shutil.copy(bundled, run / "model.safetensors")
+    shutil.copy(card_path(bundled), card_path(run / "model.safetensors"))
+    picture = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(picture)
+    # The run folder works wherever weights are asked for, as in `lenet report RUN_DIR`.
+    answer = json.loads(_lenet("predict", str(picture), "--weights", str(run), "--json").stdout)
+    assert answer["reason"] == "no digit found"
+    assert json.loads(_lenet("evaluate", str(run), "--json").stdout)["accuracy"] > 0.98
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "checkpoint.pt").write_bytes(b"")
+    for weights, message in [
+        (picture, "is a picture, not model weights. To read the digit in it: `lenet predict"),
+        (tmp_path / "unfinished", "finish it with `lenet train --resume --out"),
+    ]:
+        done = _lenet("evaluate", str(weights), check=False)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_a_device_this_machine_lacks_leaves_no_run_folder(tmp_path):

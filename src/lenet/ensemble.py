@@ -30,7 +30,6 @@ from lenet.models import ENSEMBLE, Ensemble, count_macs, count_parameters
 from lenet.weights import LoadedWeights, file_sha256, load_weights, resolve_weights, save_weights
 
 # `lenet train` writes a run's weights under this name, so a run folder can name a member.
-RUN_WEIGHTS_NAME = "model.safetensors"
 # Two normalisations closer than this are the same (they are computed in float64 from the
 # same training images, so members trained on one dataset agree to the last digit).
 NORMALIZATION_TOLERANCE = 1e-6
@@ -52,20 +51,6 @@ class EnsembleResult:
         """The JSON printed by `lenet ensemble --json`."""
         keep = ("members", "parameters", "val_accuracy", "test_accuracy", "test_error")
         return {"weights": str(self.path), **{key: self.card[key] for key in keep}}
-
-
-def member_path(name_or_path: str | os.PathLike[str]) -> str | os.PathLike[str]:
-    """A member given as a run folder means the weights `lenet train` wrote in it."""
-    folder = Path(name_or_path)
-    if folder.is_dir():
-        weights = folder / RUN_WEIGHTS_NAME
-        if not weights.is_file():
-            raise WeightsError(
-                f"{folder} is a folder without {RUN_WEIGHTS_NAME}: name a finished run of "
-                "`lenet train` or a .safetensors file."
-            )
-        return weights
-    return name_or_path
 
 
 def check_compatible(members: Sequence[LoadedWeights]) -> None:
@@ -116,7 +101,7 @@ def build_ensemble(
     if out.suffix != ".safetensors":
         raise WeightsError(f"--out {out}: write the ensemble to a .safetensors file.")
     torch_device = resolve_device(device)
-    paths = [resolve_weights(member_path(m)) for m in members]
+    paths = [resolve_weights(m) for m in members]
     seen: dict[str, Path] = {}
     for path in paths:
         # The same weights twice would count one model double, not add a member.

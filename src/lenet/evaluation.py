@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lenet.errors import ConfigError
 from lenet.models import Normalization, TrainingView
 
 
@@ -66,6 +67,20 @@ class EvalResult:
             "seconds": round(self.seconds, 4),
             "trained_on": self.trained_on,
         }
+
+
+def dataset_of(card: dict[str, Any], name: str, asked: str | None = None) -> str:
+    """The dataset to evaluate a model on: the one its card names, which ``asked`` (a user's
+    --dataset) may only repeat. A model's ten outputs are the classes it was trained on:
+    scored against another dataset's labels, its figures would mean nothing."""
+    trained = card.get("dataset", "mnist")
+    if asked is not None and asked != trained:
+        raise ConfigError(
+            f"{name} was trained on {trained}, so it cannot be evaluated on {asked}: its "
+            f"outputs are {trained}'s classes. Leave out --dataset, or evaluate a model trained "
+            f"with `lenet train --dataset {asked}`."
+        )
+    return trained
 
 
 def trained_on(card: dict[str, Any], split: str) -> bool:
@@ -160,7 +175,7 @@ def evaluate(
     from lenet.weights import load_weights
 
     loaded = load_weights(weights, resolve_device(device))
-    dataset = dataset or loaded.card.get("dataset", "mnist")
+    dataset = dataset_of(loaded.card, loaded.name, dataset)
     part = load_dataset(dataset, data_dir).split(split)
     result = evaluate_model(loaded.model, part.images, part.labels, loaded.normalization)
     return described(result, loaded.name, loaded.card, dataset, split)

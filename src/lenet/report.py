@@ -20,9 +20,15 @@ import torch
 
 from lenet.atomic import write_text_atomic
 from lenet.data import Dataset
-from lenet.errors import LenetError, RunDirError
-from lenet.evaluation import EvalResult, described, evaluate_model, predict_logits
-from lenet.training import CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME
+from lenet.errors import LenetError
+from lenet.evaluation import (
+    EvalResult,
+    dataset_of,
+    described,
+    evaluate_model,
+    predict_logits,
+)
+from lenet.training import CONFIG_NAME, METRICS_NAME
 
 REPORT_NAME = "report.html"
 CURVES_NAME = "learning_curves.png"
@@ -86,7 +92,7 @@ def evaluate_split(
     from lenet.weights import load_weights
 
     loaded = load_weights(weights, resolve_device(device))
-    dataset = dataset or loaded.card.get("dataset", "mnist")
+    dataset = dataset_of(loaded.card, loaded.name, dataset)
     if data is None:
         data = load_dataset(dataset, data_dir)
     part = data.split(split)
@@ -222,22 +228,11 @@ def resolve_source(source: str | os.PathLike[str]) -> ReportSource:
     from lenet.weights import bundled_weights, resolve_weights
 
     path = Path(source)
-    if path.is_dir():
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            hint = (
-                f"the run has not finished: finish it with `lenet train --resume --out {path}`"
-                if (path / "checkpoint.pt").is_file()
-                else "it is not a run folder written by `lenet train`"
-            )
-            raise RunDirError(f"{path} holds no {WEIGHTS_NAME}: {hint}, or give a weights file.")
-        run_dir = path
-    else:
-        weights = resolve_weights(source)
+    weights = resolve_weights(source)  # a run folder means the weights the run wrote
+    run_dir = weights.parent
+    if not path.is_dir():
         bundled = {p.resolve() for p in bundled_weights().values()}
-        is_bundled = weights.resolve() in bundled
-        run_dir = None if is_bundled else weights.parent
-        if is_bundled:
+        if weights.resolve() in bundled:
             return ReportSource(
                 weights, str(source), None, None,
                 f"{source} is a bundled model: its weights ship without the run's per-epoch "

@@ -55,9 +55,9 @@ from lenet.models import (
     get_model_spec,
 )
 from lenet.sdlm import CURVATURE_IMAGES, SDLM, paper_rate
-from lenet.weights import save_weights
+from lenet.weights import RUN_WEIGHTS_NAME, save_weights
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = RUN_WEIGHTS_NAME
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 

@@ -117,12 +117,42 @@ EXPORTED_SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"
 FORMAT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript"}
 
 
+# What `lenet train` writes in a run's folder when the run ends.
+RUN_WEIGHTS_NAME = "model.safetensors"
+# Files people pass as weights by mistake for the pictures to read.
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def run_weights(folder: Path) -> Path:
+    """The weights a finished run of `lenet train` wrote in ``folder``."""
+    weights = folder / RUN_WEIGHTS_NAME
+    if weights.is_file():
+        return weights
+    from lenet.checkpoint import CHECKPOINT_NAME
+
+    hint = (
+        f"the run has not finished: finish it with `lenet train --resume --out {folder}`"
+        if (folder / CHECKPOINT_NAME).is_file()
+        else "it is not a run folder written by `lenet train`"
+    )
+    raise WeightsError(f"{folder} holds no {RUN_WEIGHTS_NAME}: {hint}, or give a weights file.")
+
+
 def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
-    """A weights file from a path, a bundled model's name, or None for the best bundled one."""
+    """A weights file from a path, a run folder of `lenet train`, a bundled model's name, or
+    None for the best bundled one."""
     if name_or_path is None:
         name_or_path = best_bundled()
     path = Path(name_or_path)
+    if path.is_dir():
+        path = run_weights(path)
     if path.is_file():
+        if path.suffix.lower() in PICTURE_SUFFIXES:
+            raise WeightsError(
+                f"{path} is a picture, not model weights. To read the digit in it: "
+                f"`lenet predict {path}`; weights are a bundled model's name, a .safetensors "
+                "file or a run folder."
+            )
         if path.suffix.lower() in EXPORTED_SUFFIXES:
             raise WeightsError(
                 f"{path} is an exported model "
@@ -137,7 +167,7 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
     names = ", ".join(bundled) or "none"
     raise WeightsError(
         f"{name_or_path} is neither a weights file nor a bundled model (bundled: {names}). "
-        "Give the path of a .safetensors file written by `lenet train`."
+        "Give the path of a .safetensors file or the run folder written by `lenet train`."
     )
 
 
