@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, or -")
     predict.add_argument(
-        "--weights", help="a bundled model (lenet, lenet-relu) or a .safetensors file; "
-        "default: the most accurate bundled model",
+        "--weights", help="a bundled model (lenet, lenet-relu), a .safetensors file or a run "
+        "folder of `lenet train`; default: the most accurate bundled model",
     )  # fmt: skip
     predict.add_argument("--multi", action="store_true", help="read several digits in a row")
     predict.add_argument(
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checked on the 10,000 MNIST test images: the same digit for every image, logits "
         "within 1e-4 of PyTorch's; a file that fails is not written.",
     )
-    export.add_argument("weights", help="a bundled model name or a .safetensors file")
+    export.add_argument("weights", help="a bundled model name, a .safetensors file or a run folder")
     export.add_argument("--format", choices=("onnx", "torchscript"), help="default: from --out")
     export.add_argument("--out", required=True, help="the file to write (.onnx, .pt)")
     export.add_argument(
@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument(
-        "--weights", help="a bundled model or a weights file (default: the most accurate)"
+        "--weights",
+        help="a bundled model, a weights file or a run folder (default: the most accurate)",
     )
     serve.add_argument(
         "--backend", choices=("auto", "torch", "onnx"), default="auto",
@@ -261,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="measure trained weights on a split")
     evaluate.add_argument(
-        "weights", help="a .safetensors file with its .json model card, or a bundled model name"
+        "weights",
+        help="a .safetensors file with its .json model card, a run folder of `lenet train`, "
+        "or a bundled model name",
     )
     evaluate.add_argument("--dataset", choices=DATASET_NAMES, help="default: the card's")
     evaluate.add_argument("--split", default="test", choices=("test", "val", "train"))
@@ -299,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("image", metavar="IMAGE", help="a picture of one digit")
     explain.add_argument(
-        "--weights", help="a bundled model or a .safetensors file (default: the most accurate)"
+        "--weights",
+        help="a bundled model, a .safetensors file or a run folder (default: the most accurate)",
     )
     explain.add_argument("--out", metavar="FILE.png", help="default: explain-<image name>.png")
     explain.add_argument(
