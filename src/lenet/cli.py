@@ -266,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .safetensors file with its .json model card, a run folder of `lenet train`, "
         "or a bundled model name",
     )
-    evaluate.add_argument("--dataset", choices=DATASET_NAMES, help="default: the card's")
+    evaluate.add_argument(
+        "--dataset",
+        choices=DATASET_NAMES,
+        help="the card's (the default; another is refused: the model's outputs are its classes)",
+    )
     evaluate.add_argument("--split", default="test", choices=("test", "val", "train"))
     evaluate.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     evaluate.add_argument("--json", action="store_true", help="print JSON")
@@ -290,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="folder for the report (default: RUN_DIR/report, else ./report-NAME)"
     )
     report.add_argument("--split", default="test", choices=("test", "val", "train"))
-    report.add_argument("--dataset", choices=DATASET_NAMES, help="default: the card's")
+    report.add_argument(
+        "--dataset",
+        choices=DATASET_NAMES,
+        help="the card's (the default; another is refused: the model's outputs are its classes)",
+    )
     report.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     _add_data_dir(report)
 
