@@ -262,6 +262,7 @@ def test_cli_data_info_and_models(mnist):
             "was trained on mnist, so it cannot be evaluated on fashion-mnist",
         ),
         (["report", "lenet", "--dataset", "fashion-mnist"], "cannot be evaluated on"),
+        (["predict", "-", "-"], "- (standard input) can be read once"),
         (
             ["train", "--no-validation", "--target-accuracy", "0.9"],
             "--no-validation trains without a validation split",

@@ -628,6 +628,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = _expand(args.paths)
     if not files:
         raise LenetError("No image files found in the given folder(s).")
+    if files.count("-") > 1:
+        raise LenetError("- (standard input) can be read once: give it once.")
     failed = 0
     save = Path(args.save_inputs) if args.save_inputs else None
     if save is not None and save.exists() and not save.is_dir():
