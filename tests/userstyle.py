@@ -78,11 +78,27 @@ def board(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     return _encode(Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8)), "PNG")
 
 
+def scan(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """Dark ink on paper with a dark edge along one to three sides: a scanner's lid, or a desk
+    in a corner of a photo. The digit stays clear of the edge (touching it, the two are one
+    piece of ink)."""
+    size = int(rng.integers(40, 200))
+    border = int(rng.integers(6, 30))
+    layer = np.pad(_sheet(_stroke(digit, size, rng), rng, 4, (300, 400)), border + 8)
+    h, w = layer.shape
+    grey = rng.uniform(0.8, 0.97) - layer * rng.uniform(0.55, 0.85) + rng.normal(0, 0.02, (h, w))
+    strips = (np.s_[:border], np.s_[-border:], np.s_[:, :border], np.s_[:, -border:])
+    for side in rng.choice(4, int(rng.integers(1, 4)), replace=False):
+        grey[strips[side]] = rng.uniform(0.02, 0.2)
+    return _encode(Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8)), "PNG")
+
+
 STYLES = {
     "paper-jpeg": lambda d, r: paper(d, r, "JPEG"),
     "paper-png": lambda d, r: paper(d, r, "PNG"),
     "canvas": canvas,
     "board": board,
+    "scan": scan,
 }
 
 
