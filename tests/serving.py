@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 
 def started_by(pid: int) -> list[int]:
@@ -34,12 +35,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def lenet_serve(*options: str, ready_within: float = 60.0) -> Iterator[str]:
-    """Start `python -m lenet serve OPTIONS`, wait for /readyz, yield its base URL, stop it."""
+def lenet_serve(
+    *options: str, ready_within: float = 60.0, log: Path | None = None
+) -> Iterator[str]:
+    """Start `python -m lenet serve OPTIONS`, wait for /readyz, yield its base URL, stop it.
+    ``log``: a file to write its output to (default: a pipe)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "lenet", "serve", "--port", str(port), *options],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if log is None else log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -53,7 +57,8 @@ def lenet_serve(*options: str, ready_within: float = 60.0) -> Iterator[str]:
                         break
             except OSError:
                 if process.poll() is not None:
-                    raise AssertionError(f"lenet serve exited: {process.stdout.read()}") from None
+                    said = process.stdout.read() if log is None else log.read_text()
+                    raise AssertionError(f"lenet serve exited: {said}") from None
                 if time.monotonic() > deadline:
                     raise AssertionError(
                         f"lenet serve was not ready in {ready_within:g} s"

@@ -397,6 +397,33 @@ def test_the_onnx_backend_serves_the_same_answers(test_digits):
             assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-4)
 
 
+def test_damaged_uploads_are_answered_without_library_noise_in_the_log(test_digits, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    # A form whose boundary is wrong (python-multipart logged a warning before raising) and a
+    # TIFF with damaged metadata (Pillow warned from the reading process).
+    good = io.BytesIO()
+    Image.fromarray(test_digits[0][0]).save(good, "TIFF")
+    tiff = bytearray(good.getvalue())
+    first = int.from_bytes(tiff[4:8], "little") + 2  # the first tag (ImageWidth) of the IFD
+    tiff[first + 4 : first + 8] = (1000).to_bytes(4, "little")  # 1,000 values, past the end
+    form = b"--wrong\r\nContent-Disposition: form-data; name=image\r\n\r\nxx\r\n--wrong--\r\n"
+    log = tmp_path / "serve.log"
+    with lenet_serve(log=log) as base:
+        for body, kind in [
+            (form, "multipart/form-data; boundary=xyz"),
+            (bytes(tiff), "image/tiff"),
+        ]:
+            request = urllib.request.Request(f"{base}/v1/predict", body, {"Content-Type": kind})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code in (415, 422), kind
+    said = log.read_text()
+    assert "lenet serve: model" in said  # the log was written
+    assert "Expected boundary" not in said and "Warning" not in said, said
+
+
 def test_serve_cli_with_two_workers_counts_all_of_them(test_digits):
     import urllib.request
 

@@ -43,6 +43,7 @@ from lenet.server.readers import (
     Busy,
     ProcessReaders,
     ThreadReaders,
+    quiet_bad_input_noise,
     self_test,
 )
 from lenet.server.uploads import read_upload
@@ -511,4 +512,5 @@ def create_app(
 def create_app_from_env() -> FastAPI:
     """The app factory uvicorn's worker processes call (`lenet serve --workers N`)."""
     keep_freed_memory()
+    quiet_bad_input_noise()
     return create_app(ServeSettings.from_env(), announce=True)

@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -141,6 +142,16 @@ class ThreadReaders:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def quiet_bad_input_noise() -> None:
+    """Keep damaged uploads out of the operator's log: each is answered 4xx with what was
+    wrong, and the libraries' own words on it (python-multipart logs a warning before it
+    raises; Pillow warns of damaged TIFF metadata) would repeat every one, without saying
+    which request it was."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    for name in ("python_multipart.multipart", "multipart.multipart"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _reader_main(
     connection: multiprocessing.connection.Connection,
     weights: str | None,
@@ -153,6 +164,7 @@ def _reader_main(
     # too: the server, still answering, stops its readers itself once it is done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    quiet_bad_input_noise()
     from lenet.allocator import freeze_loaded_objects, keep_freed_memory
 
     keep_freed_memory()

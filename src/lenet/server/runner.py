@@ -16,6 +16,7 @@ from lenet.allocator import keep_freed_memory
 from lenet.recognize import Recognizer
 from lenet.server.app import SETTINGS_ENV, ServeSettings, create_app, ready_line
 from lenet.server.metrics import MULTIPROC_ENV
+from lenet.server.readers import quiet_bad_input_noise
 
 
 class _AnnouncingServer(uvicorn.Server):
@@ -35,6 +36,7 @@ class _AnnouncingServer(uvicorn.Server):
 def run(settings: ServeSettings, recognizer: Recognizer, workers: int, access_log: bool) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM)."""
     keep_freed_memory()
+    quiet_bad_input_noise()
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
