@@ -236,6 +236,14 @@ def test_a_stray_dot_does_not_shrink_the_digit(digits):
     found = preprocess(page)
     assert similar(found.image, reference, 4)
     assert found.box[2] < 200  # the box stays on the digit
+    assert found.others == 0  # a stray mark is no other digit
+
+
+def test_other_digits_beside_the_one_read_are_counted(digits):
+    images, _ = digits
+    line = userstyle.number_line([images[i] for i in (0, 1, 2, 3)], np.random.default_rng(3))
+    assert preprocess(line).others == 3
+    assert preprocess(encode(on_paper(images[4]))).others == 0
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

@@ -205,6 +205,9 @@ def test_predict_cli_multi_and_table(test_digits, tmp_path):
     assert [len(d["box"]) for d in answer["digits"]] == [4, 4, 4]
     table = lenet_cli("predict", str(picture), "--topk", "3").stdout.decode()
     assert "top:" in table and str(picture) in table
+    # Read as one digit, the number says what was left out.
+    assert "(2 more digits beside it: --multi reads them all)" in table
+    assert json.loads(lenet_cli("predict", str(picture), "--json").stdout)["others"] == 2
     # --topk ranks one digit: refused with --multi, an empty ranking when there is none.
     both = lenet_cli("predict", str(picture), "--multi", "--topk", "3")
     assert both.returncode == 2 and "--topk" in both.stderr.decode()

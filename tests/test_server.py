@@ -236,6 +236,15 @@ def test_bad_uploads_get_a_clear_json_error_and_are_counted(client, test_digits,
     assert good.status_code == 200 and good.json()["digit"] == test_digits[1][1]
 
 
+def test_a_number_sent_to_predict_says_what_was_left_out(client, test_digits):
+    images, labels = test_digits
+    line = userstyle.number_line([images[i] for i in (0, 1, 2)], np.random.default_rng(8))
+    answer = client.post("/v1/predict", content=line, headers={"content-type": "image/jpeg"})
+    assert answer.status_code == 200 and answer.json()["others"] == 2
+    single = client.post("/v1/predict", files={"image": png(images[0])}).json()
+    assert "others" not in single
+
+
 def test_predictions_and_latency_are_counted(client, test_digits):
     images, labels = test_digits
     digit = int(labels[2])

@@ -689,6 +689,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if args.topk > 1:
                 order = np.argsort(answer.probabilities)[::-1][: args.topk]
                 line += "  top: " + ", ".join(f"{k}:{answer.probabilities[k]:.3f}" for k in order)
+            if answer.others:
+                many = "digits" if answer.others > 1 else "digit"
+                line += f"  ({answer.others} more {many} beside it: --multi reads them all)"
             print(line, flush=True)
     return 1 if failed else 0
 

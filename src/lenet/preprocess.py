@@ -60,6 +60,9 @@ class Digit:
 
     image: np.ndarray  # (28, 28) uint8, ink light on black
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the original image's pixels (x1, y1 excl.)
+    # Other groups of strokes as tall as a digit beside it (at least half its height), left out
+    # by ``preprocess``, which reads one digit: a picture of a number (then read it as a line).
+    others: int = 0
 
 
 SUPPORTED = ", ".join(f for f in ALLOWED_FORMATS if f != "MPO")
@@ -676,9 +679,15 @@ def preprocess(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dig
     groups = group_strokes(found.mask) if found is not None else []
     if not groups:
         return None
-    # One digit is asked for: the largest group of strokes; stray marks elsewhere are ignored.
+    # One digit is asked for: the largest group of strokes; stray marks elsewhere are ignored,
+    # and other digits are counted, so that the answer can say it left them out.
     main = max(groups, key=np.count_nonzero)
-    return Digit(mnist_digit(found.ink, main), box_of(main, found))
+    others = 0
+    if len(groups) > 1:
+        heights = [y1 - y0 for y0, y1, _, _ in map(bounds, groups)]
+        tallest = heights[next(i for i, g in enumerate(groups) if g is main)]
+        others = sum(h >= 0.5 * tallest for h in heights) - 1
+    return Digit(mnist_digit(found.ink, main), box_of(main, found), others)
 
 
 def box_of(mask: np.ndarray, found: InkMap) -> tuple[int, int, int, int]:

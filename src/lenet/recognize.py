@@ -59,6 +59,8 @@ class Prediction:
     image: np.ndarray | None = None  # the (28, 28) uint8 input the model saw
     box: tuple[int, int, int, int] | None = None  # where in the picture (x0, y0, x1, y1)
     error: str | None = None  # set when the picture could not be read (predict_batch)
+    # Other digits beside this one that were left out (predict reads one; read() reads a line).
+    others: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON answer (`lenet predict --json`, the service)."""
@@ -72,6 +74,8 @@ class Prediction:
         if self.reason is not None:
             out["reason"] = self.reason
             out["best_guess"] = self.best_guess
+        if self.others:
+            out["others"] = self.others
         return out
 
 
@@ -175,6 +179,7 @@ class Recognizer:
             reason=None if sure else UNSURE,
             image=digit.image,
             box=digit.box,
+            others=digit.others,
         )
 
     def predict_digits(self, digits: Sequence[Digit | None]) -> list[Prediction]:

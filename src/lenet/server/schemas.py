@@ -19,6 +19,11 @@ class PredictionOut(BaseModel):
         None, description="present when digit is null: 'no digit found' or 'unsure'"
     )
     best_guess: int | None = Field(None, description="present when digit is null")
+    others: int | None = Field(
+        None,
+        description="present when the picture holds other digits beside this one, which were "
+        "left out: how many (POST /v1/read reads them all)",
+    )
     input: str | None = Field(
         None, description="with include_input=true: the 28x28 image the model saw (PNG data URL)"
     )
