@@ -58,6 +58,14 @@ def main() -> None:
         print(f"| single digit, {style} | {correct:.1%} | {unsure} | {missing} |")
 
     rng = np.random.default_rng(100)
+    chosen = rng.choice(len(images), args.per_style, replace=False)
+    answers = reader.predict_batch([userstyle.tight(images[i], rng) for i in chosen])
+    correct = np.mean([a.best_guess == labels[i] for a, i in zip(answers, chosen)])
+    unsure = sum(a.reason == "unsure" for a in answers)
+    missing = sum(a.reason == "no digit found" for a in answers)
+    print(f"| single digit, bold, cropped tightly | {correct:.1%} | {unsure} | {missing} |")
+
+    rng = np.random.default_rng(100)
     exact = total = 0
     for _ in range(args.lines):
         chosen = rng.choice(len(images), int(rng.integers(2, 7)))

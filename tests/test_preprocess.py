@@ -228,6 +228,25 @@ def test_a_dark_edge_along_two_or_three_sides_is_not_ink(digits):
     assert found.box == (0, 0, tight.shape[1], tight.shape[0])
 
 
+def test_a_bold_digit_cropped_tightly_is_read_and_a_blot_is_not(mnist):
+    # A bold digit with 3 pixels of paper around it is one piece of ink over a third of the
+    # picture, which was taken for a shadow or a blot and dropped: "no digit found".
+    digit = mnist.test.images[8684, 0].numpy()
+    big = np.asarray(Image.fromarray(digit).resize((140, 140), Image.Resampling.BILINEAR))
+    rows, cols = np.nonzero(big > 76)
+    ink = np.pad(big, 3)[rows.min() : rows.max() + 7, cols.min() : cols.max() + 7]
+    page = (235 - ink.astype(np.float32) * 215 / 255).astype(np.uint8)
+    assert (page < 128).mean() > 0.35
+    found = preprocess(page)
+    assert found is not None
+    assert similar(found.image, preprocess(encode(on_paper(digit))).image, 20)
+    # A solid blot as large is still not a digit.
+    blot = np.full((120, 120), 235, np.uint8)
+    yy, xx = np.mgrid[:120, :120]
+    blot[(yy - 60) ** 2 + (xx - 60) ** 2 < 44**2] = 20
+    assert preprocess(blot) is None
+
+
 def test_a_stray_dot_does_not_shrink_the_digit(digits):
     digit = digits[0][9]
     page = np.asarray(on_paper(digit, 120, (300, 400), (40, 40)).convert("L")).copy()
