@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lenet.checkpoint import CHECKPOINT_NAME
 from lenet.config import resolve_config
-from lenet.errors import RunDirError
+from lenet.errors import RunDirError, WeightsError
 from lenet.evaluation import evaluate, evaluate_model
 from lenet.models import MODELS
 from lenet.training import TrainingInterrupted, train
@@ -297,6 +297,19 @@ def test_a_run_folder_names_its_weights_and_a_picture_is_not_weights(tmp_path):
     ]:
         done = _lenet("evaluate", str(weights), check=False)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_a_folder_named_like_a_bundled_model_does_not_hide_it(tmp_path, monkeypatch):
+    from lenet.weights import bundled_weights, resolve_weights
+
+    bundled = bundled_weights()
+    monkeypatch.chdir(tmp_path)  # where a clone called lenet lies, or a run called lenet-relu
+    for name in bundled:
+        (tmp_path / name).mkdir()
+    assert resolve_weights("lenet") == bundled["lenet"]
+    assert resolve_weights(None) in bundled.values()
+    with pytest.raises(WeightsError, match="holds no model.safetensors"):
+        resolve_weights("./lenet")  # the folder, named as a path
 
 
 def test_a_device_this_machine_lacks_leaves_no_run_folder(tmp_path):

@@ -589,12 +589,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
 def _expand(paths: Sequence[str]) -> list[str]:
     """Files as given, folders as the image files inside them (recursively, sorted)."""
     from pathlib import Path
+
+    from lenet.preprocess import IMAGE_SUFFIXES
 
     out = []
     for path in paths:
@@ -618,11 +617,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lenet.errors import ImageError
     from lenet.recognize import NO_DIGIT, UNSURE_BELOW, Recognizer
 
-    recognizer = Recognizer.load(
-        args.weights,
-        unsure_below=args.unsure_below or UNSURE_BELOW,
-        backend=command_line_backend(args.weights, args.backend),
-    )
+    # The arguments are checked before the model is loaded, and the folder for --save-inputs
+    # made: a mistake in them is reported before any picture is read.
     if args.multi and args.topk > 1:
         raise LenetError("--topk is for one digit a picture: leave it out with --multi.")
     files = _expand(args.paths)
@@ -630,10 +626,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise LenetError("No image files found in the given folder(s).")
     if files.count("-") > 1:
         raise LenetError("- (standard input) can be read once: give it once.")
-    failed = 0
     save = Path(args.save_inputs) if args.save_inputs else None
-    if save is not None and save.exists() and not save.is_dir():
-        raise LenetError(f"--save-inputs {save} is a file: give a folder (made if missing).")
+    if save is not None:
+        if save.exists() and not save.is_dir():
+            raise LenetError(f"--save-inputs {save} is a file: give a folder (made if missing).")
+        try:
+            save.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LenetError(f"--save-inputs {save}: the folder cannot be made ({exc}).") from None
+    recognizer = Recognizer.load(
+        args.weights,
+        unsure_below=args.unsure_below or UNSURE_BELOW,
+        backend=command_line_backend(args.weights, args.backend),
+    )
+    failed = 0
     if not args.json:
         header = "text" if args.multi else "digit  confidence"
         print(f"{header:<18} file")
@@ -652,12 +658,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"file": name, "error": message}), flush=True)
             else:
-                # Messages about a file often begin with its path already.
-                where = "" if message.startswith(str(name)) else f"{name}: "
+                # Messages about a file often begin with its path already (as Path prints it).
+                named = message.startswith((f"{Path(name)}:", f"{Path(name)} "))
+                where = "" if named else f"{name}: "
                 print(f"{'error':<18} {where}{message}", flush=True)
             continue
         if save is not None:
-            save.mkdir(parents=True, exist_ok=True)
             stem = f"{index:04d}-{Path(name).stem if name != '-' else 'stdin'}"
             for k, answer in enumerate(answers):
                 if answer.image is not None:

@@ -29,7 +29,6 @@ from lenet.evaluation import evaluate_model, trained_on
 from lenet.models import ENSEMBLE, Ensemble, count_macs, count_parameters
 from lenet.weights import LoadedWeights, file_sha256, load_weights, resolve_weights, save_weights
 
-# `lenet train` writes a run's weights under this name, so a run folder can name a member.
 # Two normalisations closer than this are the same (they are computed in float64 from the
 # same training images, so members trained on one dataset agree to the last digit).
 NORMALIZATION_TOLERANCE = 1e-6

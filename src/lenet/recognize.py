@@ -53,9 +53,10 @@ class Prediction:
 
     digit: int | None  # None: no digit found, or unsure
     confidence: float  # calibrated probability of best_guess; 0 when there is no digit
-    probabilities: list[float]  # calibrated, one per digit 0-9; ten zeros when there is no digit
+    # Calibrated, one per digit 0-9; ten zeros when there is no digit, empty on an error.
+    probabilities: list[float]
     best_guess: int | None = None
-    reason: str | None = None  # None, "no digit found" or "unsure"
+    reason: str | None = None  # None, "no digit found", "unsure" or "error" (predict_batch)
     image: np.ndarray | None = None  # the (28, 28) uint8 input the model saw
     box: tuple[int, int, int, int] | None = None  # where in the picture (x0, y0, x1, y1)
     error: str | None = None  # set when the picture could not be read (predict_batch)

@@ -119,8 +119,6 @@ FORMAT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript"}
 
 # What `lenet train` writes in a run's folder when the run ends.
 RUN_WEIGHTS_NAME = "model.safetensors"
-# Files people pass as weights by mistake for the pictures to read.
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def run_weights(folder: Path) -> Path:
@@ -141,13 +139,21 @@ def run_weights(folder: Path) -> Path:
 def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
     """A weights file from a path, a run folder of `lenet train`, a bundled model's name, or
     None for the best bundled one."""
+    bundled = bundled_weights()
     if name_or_path is None:
-        name_or_path = best_bundled()
+        return bundled[best_bundled()]
     path = Path(name_or_path)
+    # A bundled model's bare name wins over a folder of that name where lenet is run (a
+    # clone called lenet); ./lenet names the folder.
+    bare = not any(sep in str(name_or_path) for sep in ("/", os.sep))
+    if str(name_or_path) in bundled and bare and not path.is_file():
+        return bundled[str(name_or_path)]
     if path.is_dir():
         path = run_weights(path)
     if path.is_file():
-        if path.suffix.lower() in PICTURE_SUFFIXES:
+        from lenet.preprocess import IMAGE_SUFFIXES  # pictures given as weights by mistake
+
+        if path.suffix.lower() in IMAGE_SUFFIXES:
             raise WeightsError(
                 f"{path} is a picture, not model weights. To read the digit in it: "
                 f"`lenet predict {path}`; weights are a bundled model's name, a .safetensors "
@@ -161,9 +167,6 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
                 "--backend onnx` and `lenet serve --backend onnx` run .onnx files.)"
             )
         return path
-    bundled = bundled_weights()
-    if str(name_or_path) in bundled:
-        return bundled[str(name_or_path)]
     names = ", ".join(bundled) or "none"
     raise WeightsError(
         f"{name_or_path} is neither a weights file nor a bundled model (bundled: {names}). "
