@@ -104,6 +104,18 @@ def test_16_bit_png_is_scaled_not_clipped(digits):
     assert similar(preprocess(data).image, preprocess(encode(on_paper(digits[0][2]))).image, 2)
 
 
+def test_10_12_and_14_bit_values_in_16_bit_files_and_arrays_are_read(digits):
+    # Scanners and cameras store fewer bits in 16-bit files; read against 65535, a 12-bit
+    # picture's paper was a sixteenth of white, and its digit "no digit found".
+    eight = np.asarray(on_paper(digits[0][2]).convert("L")).astype(np.uint16)
+    reference = preprocess(encode(on_paper(digits[0][2]))).image
+    for bits in (10, 12, 14):
+        deep = eight * ((2**bits - 1) / 255)
+        for source in (encode(Image.fromarray(deep.astype(np.uint16))), deep.astype(np.uint16)):
+            found = preprocess(source)
+            assert found is not None and similar(found.image, reference, 3), bits
+
+
 def test_palette_and_cmyk_images(digits):
     paper = on_paper(digits[0][4])
     reference = preprocess(encode(paper)).image

@@ -77,6 +77,10 @@ class Digit:
 
 
 SUPPORTED = ", ".join(f for f in ALLOWED_FORMATS if f != "MPO")
+# 16-bit files and arrays often hold fewer bits: scanners and cameras write 10-, 12- or 14-bit
+# values, which read against 65535 are a sixteenth of the range or less, too faint to be found
+# as ink. Values over 255 are read at the smallest of these full scales that holds them.
+DEEP_FULL_SCALES = (1023.0, 4095.0, 16383.0, 65535.0)
 # ITU-R 601-2 luma, the weights Pillow's own convert("L") uses.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -300,7 +304,8 @@ def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray,
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(image, dtype=np.float32)
         # 16-bit files are scaled, not clipped: their full range maps onto [0, 1].
-        full = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        peak = float(values.max(initial=0))
+        full = _deep_full_scale(peak) if peak > 255 else 65535.0 if mode != "I" else 255.0
         return np.clip(values / full, 0, 1), scale
     if mode == "F":
         return _from_array(np.asarray(image, dtype=np.float32)), scale
@@ -319,12 +324,18 @@ def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray,
     return np.asarray(image.convert("RGB").convert("L"), dtype=np.float32) / 255.0, scale
 
 
+def _deep_full_scale(peak: float) -> float:
+    """The full scale of pixel values over 255 whose largest is ``peak`` (DEEP_FULL_SCALES)."""
+    return next((full for full in DEEP_FULL_SCALES if peak <= full), DEEP_FULL_SCALES[-1])
+
+
 def _from_array(array: np.ndarray) -> np.ndarray:
     """Any (H, W), (H, W, 1-4) or (1, H, W) array of grey, grey+alpha, RGB or RGBA values.
 
-    Integers are read at their type's range (uint8: 255, uint16: 65535); floats and other
-    integers as [0, 1] when they stay within it, else as 0-255 when they stay within that,
-    else as 16-bit values (0-65535), as a 16-bit picture read by Pillow is.
+    uint8 is read at 255; floats and other integers as [0, 1] when they stay within it, else
+    as 0-255 when they stay within that. Larger values, and uint16, are read as a 16-bit
+    picture read by Pillow is: at the smallest bit depth that holds them (10, 12, 14 or 16
+    bits; a uint16 array within 0-255 at 16 bits).
     """
     values = np.asarray(array)
     if values.ndim == 3 and values.shape[0] == 1:
@@ -359,11 +370,13 @@ def _from_array(array: np.ndarray) -> np.ndarray:
     if values.dtype == np.uint8:
         values = values.astype(np.float32) / 255.0
     elif values.dtype == np.uint16:
-        values = values.astype(np.float32) / 65535.0
+        values = values.astype(np.float32)
+        peak = float(values.max(initial=0))
+        values /= _deep_full_scale(peak) if peak > 255 else 65535.0
     else:
         values = values.astype(np.float32)
-        peak = values.max(initial=0)
-        full = 1.0 if peak <= 1 else 255.0 if peak <= 255 else 65535.0
+        peak = float(values.max(initial=0))
+        full = 1.0 if peak <= 1 else 255.0 if peak <= 255 else _deep_full_scale(peak)
         values = np.clip(values / full, 0, 1)
     if values.ndim == 2:
         return values
