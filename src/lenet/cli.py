@@ -617,15 +617,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lenet.errors import ImageError
     from lenet.recognize import NO_DIGIT, UNSURE_BELOW, Recognizer
 
-    # The arguments are checked before the model is loaded, and the folder for --save-inputs
+    # The options are checked before the model is loaded, and the folder for --save-inputs
     # made: a mistake in them is reported before any picture is read.
     if args.multi and args.topk > 1:
         raise LenetError("--topk is for one digit a picture: leave it out with --multi.")
-    files = _expand(args.paths)
-    if not files:
-        raise LenetError("No image files found in the given folder(s).")
-    if files.count("-") > 1:
-        raise LenetError("- (standard input) can be read once: give it once.")
     save = Path(args.save_inputs) if args.save_inputs else None
     if save is not None:
         if save.exists() and not save.is_dir():
@@ -639,6 +634,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         unsure_below=args.unsure_below or UNSURE_BELOW,
         backend=command_line_backend(args.weights, args.backend),
     )
+    files = _expand(args.paths)
+    if not files:
+        raise LenetError("No image files found in the given folder(s).")
+    if files.count("-") > 1:
+        raise LenetError("- (standard input) can be read once: give it once.")
     failed = 0
     if not args.json:
         header = "text" if args.multi else "digit  confidence"
