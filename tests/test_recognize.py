@@ -215,6 +215,17 @@ def test_predict_cli_multi_and_table(test_digits, tmp_path):
     empty.write_bytes(blank("paper"))
     answer = json.loads(lenet_cli("predict", str(empty), "--topk", "3", "--json").stdout)
     assert answer["reason"] == "no digit found" and answer["top"] == []
+    # A file name that is not UTF-8 (kept by Python as a lone surrogate) is escaped, so that
+    # strict JSON parsers read the line; "unsure" can be turned off with --unsure-below 0.
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(np.maximum(images[0], images[3])).save(odd)
+    both = [
+        json.loads(line) for line in lenet_cli("predict", str(odd), "--json").stdout.splitlines()
+    ]
+    assert both[0]["file"].endswith("caf\\xe9.png") and both[0]["digit"] is None
+    assert both[0]["file"].encode("utf-8")  # no lone surrogate left
+    sure = json.loads(lenet_cli("predict", str(odd), "--json", "--unsure-below", "0").stdout)
+    assert sure["digit"] == both[0]["best_guess"] and "reason" not in sure
     # --save-inputs names a folder: a file there is refused before any picture is read.
     taken = tmp_path / "taken"
     taken.write_text("")

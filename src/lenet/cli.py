@@ -31,6 +31,21 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, 1] such as 0.5 (0: never unsure), got {text}"
+        )
+    return value
+
+
+def _shown(name: str) -> str:
+    """A file name as JSON can carry it: bytes that were not UTF-8 (kept by Python as lone
+    surrogates, which strict JSON parsers refuse) written as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _mirror_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"must be an http:// or https:// URL, got {text!r}")
@@ -165,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-inputs", metavar="DIR", help="write the 28x28 image(s) the model saw as PNG"
     )
     predict.add_argument(
-        "--unsure-below", type=_fraction, default=None,
-        help="answer null (unsure) below this calibrated confidence (default 0.5)",
+        "--unsure-below", type=_threshold, default=None,
+        help="answer null (unsure) below this calibrated confidence (default 0.5; 0: never)",
     )  # fmt: skip
     predict.add_argument(
         "--backend", choices=("auto", "torch", "onnx"), default="auto",
@@ -631,7 +646,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise LenetError(f"--save-inputs {save}: the folder cannot be made ({exc}).") from None
     recognizer = Recognizer.load(
         args.weights,
-        unsure_below=args.unsure_below or UNSURE_BELOW,
+        unsure_below=UNSURE_BELOW if args.unsure_below is None else args.unsure_below,
         backend=command_line_backend(args.weights, args.backend),
     )
     files = _expand(args.paths)
@@ -656,7 +671,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
             message = str(exc) if isinstance(exc, ImageError) else f"unexpected error: {exc!r}"
             if args.json:
-                print(json.dumps({"file": name, "error": message}), flush=True)
+                print(json.dumps({"file": _shown(name), "error": message}), flush=True)
             else:
                 # Messages about a file often begin with its path already (as Path prints it).
                 named = message.startswith((f"{Path(name)}:", f"{Path(name)} "))
@@ -678,7 +693,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 result["top"] = [
                     {"digit": int(k), "probability": round(probabilities[k], 6)} for k in order
                 ]
-            print(json.dumps({"file": name, **result}), flush=True)
+            print(json.dumps({"file": _shown(name), **result}), flush=True)
         elif args.multi:
             text = result["text"] if result["text"] is not None else "?"
             detail = " ".join(

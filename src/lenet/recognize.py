@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,7 +57,8 @@ class Prediction:
     probabilities: list[float]
     best_guess: int | None = None
     reason: str | None = None  # None, "no digit found", "unsure" or "error" (predict_batch)
-    image: np.ndarray | None = None  # the (28, 28) uint8 input the model saw
+    # The (28, 28) uint8 input the model saw (left out of repr: 28 rows of numbers).
+    image: np.ndarray | None = field(default=None, repr=False)
     box: tuple[int, int, int, int] | None = None  # where in the picture (x0, y0, x1, y1)
     error: str | None = None  # set when the picture could not be read (predict_batch)
     # Other digits beside this one that were left out (predict reads one; read() reads a line).
