@@ -481,6 +481,18 @@ def test_serve_cli_reports_a_wrong_model_before_serving():
     assert done.returncode == 2 and "alexnet is neither" in done.stderr
 
 
+def post_form_part(client, disposition: bytes, data: bytes):
+    """POST /v1/predict a multipart form of one part, written by hand: ``disposition`` is the
+    rest of its Content-Disposition line (and any headers after it), ``data`` its bytes."""
+    body = (
+        b"--xyz\r\nContent-Disposition: form-data; " + disposition + b"\r\n\r\n"
+        + data + b"\r\n--xyz--\r\n"
+    )  # fmt: skip
+    return client.post(
+        "/v1/predict", content=body, headers={"content-type": "multipart/form-data; boundary=xyz"}
+    )
+
+
 def test_a_part_sent_without_a_filename_keeps_its_bytes(client, test_digits):
     # curl -F 'image=<digit.png' sends the file as a plain form field; Starlette decodes such
     # parts as text, which once turned a valid PNG or BMP into a 422 "damaged".
@@ -488,16 +500,8 @@ def test_a_part_sent_without_a_filename_keeps_its_bytes(client, test_digits):
     for fmt in ("PNG", "BMP"):
         buffer = io.BytesIO()
         Image.fromarray(images[7]).save(buffer, fmt)
-        body = (
-            b'--xyz\r\nContent-Disposition: form-data; name="image"\r\n'
-            b"Content-Type: image/" + fmt.lower().encode() + b"\r\n\r\n"
-            + buffer.getvalue() + b"\r\n--xyz--\r\n"
-        )  # fmt: skip
-        answer = client.post(
-            "/v1/predict",
-            content=body,
-            headers={"content-type": "multipart/form-data; boundary=xyz"},
-        )
+        headers = b'name="image"\r\nContent-Type: image/' + fmt.lower().encode()
+        answer = post_form_part(client, headers, buffer.getvalue())
         assert answer.status_code == 200, (fmt, answer.text)
         assert answer.json()["digit"] == labels[7]
 
@@ -515,15 +519,7 @@ def test_a_part_without_a_filename_is_read_as_sent_even_when_it_is_valid_utf8(cl
     raw = buffer.getvalue()
     assert "é" in raw.decode("utf-8")  # the case that was lost
     for disposition in (b'name="image"', b'name="image"; filename="d.bmp"'):
-        body = (
-            b"--xyz\r\nContent-Disposition: form-data; " + disposition + b"\r\n\r\n"
-            + raw + b"\r\n--xyz--\r\n"
-        )  # fmt: skip
-        answer = client.post(
-            "/v1/predict",
-            content=body,
-            headers={"content-type": "multipart/form-data; boundary=xyz"},
-        )
+        answer = post_form_part(client, disposition, raw)
         assert answer.status_code == 200, (disposition, answer.text)
         assert answer.json()["digit"] == labels[3]
 

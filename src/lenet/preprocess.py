@@ -305,7 +305,7 @@ def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray,
         values = np.asarray(image, dtype=np.float32)
         # 16-bit files are scaled, not clipped: their full range maps onto [0, 1].
         peak = float(values.max(initial=0))
-        full = _deep_full_scale(peak) if peak > 255 else 65535.0 if mode != "I" else 255.0
+        full = _full_scale(peak, 255.0 if mode == "I" else 65535.0)
         return np.clip(values / full, 0, 1), scale
     if mode == "F":
         return _from_array(np.asarray(image, dtype=np.float32)), scale
@@ -324,8 +324,11 @@ def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray,
     return np.asarray(image.convert("RGB").convert("L"), dtype=np.float32) / 255.0, scale
 
 
-def _deep_full_scale(peak: float) -> float:
-    """The full scale of pixel values over 255 whose largest is ``peak`` (DEEP_FULL_SCALES)."""
+def _full_scale(peak: float, within_255: float) -> float:
+    """The full scale of pixels whose largest value is ``peak``: ``within_255`` when it is at
+    most 255, else the smallest of DEEP_FULL_SCALES that holds it."""
+    if peak <= 255:
+        return within_255
     return next((full for full in DEEP_FULL_SCALES if peak <= full), DEEP_FULL_SCALES[-1])
 
 
@@ -372,11 +375,11 @@ def _from_array(array: np.ndarray) -> np.ndarray:
     elif values.dtype == np.uint16:
         values = values.astype(np.float32)
         peak = float(values.max(initial=0))
-        values /= _deep_full_scale(peak) if peak > 255 else 65535.0
+        values /= _full_scale(peak, 65535.0)
     else:
         values = values.astype(np.float32)
         peak = float(values.max(initial=0))
-        full = 1.0 if peak <= 1 else 255.0 if peak <= 255 else _deep_full_scale(peak)
+        full = 1.0 if peak <= 1 else _full_scale(peak, 255.0)
         values = np.clip(values / full, 0, 1)
     if values.ndim == 2:
         return values
@@ -531,8 +534,8 @@ def find_ink(picture: Picture) -> InkMap | None:
     # blob's middle is a third or more (measured on MNIST test digits at x5 and x8: up to 0.26).
     for label in np.flatnonzero(keep & (sizes >= 0.35 * area)):
         region = labels == label
-        rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
-        extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+        ry0, ry1, rx0, rx1 = bounds(region)
+        extent = max(ry1 - ry0, rx1 - rx0)
         if ndimage.distance_transform_edt(np.pad(region, 1)).max() > STROKE_DEPTH * extent:
             keep[label] = False
     # A large region along the sides that encloses most of the picture is a desk around a
@@ -705,12 +708,12 @@ def preprocess(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dig
         return None
     # One digit is asked for: the largest group of strokes; stray marks elsewhere are ignored,
     # and other digits are counted, so that the answer can say it left them out.
-    main = max(groups, key=np.count_nonzero)
+    largest = int(np.argmax([np.count_nonzero(g) for g in groups]))
+    main = groups[largest]
     others = 0
     if len(groups) > 1:
         heights = [y1 - y0 for y0, y1, _, _ in map(bounds, groups)]
-        main_height = heights[next(i for i, g in enumerate(groups) if g is main)]
-        others = sum(h >= 0.5 * main_height for h in heights) - 1
+        others = sum(h >= 0.5 * heights[largest] for h in heights) - 1
     return Digit(mnist_digit(found.ink, main), box_of(main, found), others)
 
 

@@ -118,23 +118,25 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            template = _template({**scope, "root_path": root_path})
+            template = _template(scope, root_path)
             labels = {"route": template, "method": scope["method"], "status": str(status)}
             self.metrics.requests.labels(**labels).inc()
             self.metrics.latency.labels(**labels).observe(time.perf_counter() - start)
 
 
-def _template(scope: Scope) -> str:
+def _template(scope: Scope, root_path: str) -> str:
     """The template of the route that answered a request, or "unmatched" (a 404).
 
     FastAPI's routes note themselves in the scope. Starlette's own do not: the docs pages,
     /openapi.json, and the mounts of static files, which count as "/static/{path}"; those are
-    matched again here, which costs nothing on the API's routes.
+    matched again here, on the scope as it came in (``root_path`` before a mount extended
+    it), which costs nothing on the API's routes.
     """
     path = getattr(scope.get("route"), "path", None)
     if path:
         return path
+    incoming = {**scope, "root_path": root_path}
     for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
-        if route.matches(scope)[0] is Match.FULL:
+        if route.matches(incoming)[0] is Match.FULL:
             return f"{route.path}/{{path}}" if isinstance(route, Mount) else route.path
     return "unmatched"
