@@ -5,7 +5,8 @@
 
 Pictures are built from MNIST *test* digits by tests/userstyle.py (the same generator the
 tests use, with other seeds): paper photos as JPEG and PNG, canvas exports with transparency,
-light chalk on a dark board, paper scans with a dark edge along one to three sides; lines of
+light chalk on a dark board, paper scans with a dark edge along one to three sides, digits in pen
+on ruled or squared paper photographed a little askew; lines of
 2 to 6 digits and of 12 to 30; pairs of touching digits; digits typed in fonts; and pictures
 with no digit at all.
 """

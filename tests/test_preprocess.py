@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
 from lenet.preprocess import WORK_MAX_SIDE, WORK_MIN_SIDE, preprocess, work_scale
+from lenet.ruled import without_rules
 
 
 def encode(img, fmt="PNG", **options):
@@ -238,6 +239,66 @@ def test_a_dark_edge_along_two_or_three_sides_is_not_ink(digits):
     tight = np.asarray(Image.fromarray(tight).resize((tight.shape[1] * 8, tight.shape[0] * 8)))
     found = preprocess(tight)
     assert found.box == (0, 0, tight.shape[1], tight.shape[0])
+
+
+def ruled_page(page: np.ndarray, rows=(), columns=(), darkness=110, thickness=2):
+    """``page`` (grey, dark ink on white) with printed lines drawn under the ink."""
+    lines = np.zeros(page.shape, bool)
+    for y in rows:
+        lines[y : y + thickness] = True
+    for x in columns:
+        lines[:, x : x + thickness] = True
+    return np.where(lines, np.minimum(page, 255 - darkness), page).astype(np.uint8)
+
+
+def test_the_lines_of_ruled_and_squared_paper_are_not_ink(digits):
+    # A digit written on a notebook's lines, or across them, is one piece of ink with them:
+    # it was left out with the lines as a frame (no digit) or read with a bar through it.
+    images, labels = digits
+    for index in (0, 1, 3, 8, 11):
+        page = np.asarray(on_paper(images[index], 100, (240, 320), (70, 110)).convert("L"))
+        clean = preprocess(page.copy())
+        # Lines every 45 pixels (two through the digit), then squared paper, then a page
+        # photographed 2 degrees askew.
+        lined = ruled_page(page, rows=range(10, 240, 45))
+        squared = ruled_page(page, rows=range(10, 240, 45), columns=range(20, 320, 45))
+        askew = np.asarray(
+            Image.fromarray(lined).rotate(2, Image.Resampling.BILINEAR, fillcolor=255)
+        )[10:-10, 10:-10]
+        for name, picture in (("lined", lined), ("squared", squared), ("askew", askew)):
+            found = preprocess(picture)
+            assert found is not None, (index, name)
+            assert similar(found.image, clean.image, 15), (index, name)
+            if name != "askew":  # (turned, the digit is elsewhere)
+                assert np.abs(np.subtract(found.box, clean.box)).max() <= 2, (index, name)
+            assert found.box[2] - found.box[0] < 110 and found.box[3] - found.box[1] < 110
+    # Lines alone are no digit.
+    blank = ruled_page(np.full((240, 320), 250, np.uint8), range(10, 240, 45), range(20, 320, 45))
+    assert preprocess(blank) is None
+
+
+def test_strokes_that_span_the_picture_are_not_taken_for_lines(digits):
+    images, labels = digits
+    # The bar of a tightly cropped 7 runs from side to side, as a line does; it is twice as
+    # long as the digit is tall (no line is), so it stays.
+    seven = images[int(np.flatnonzero(labels == 7)[0])]
+    rows, cols = np.nonzero(seven > 60)
+    tight = 255 - seven[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    tight = np.asarray(Image.fromarray(tight).resize((tight.shape[1] * 8, tight.shape[0] * 8)))
+    thin = np.where(tight < 128, 0, 255).astype(np.uint8)
+    for picture in (tight, thin):
+        mask = picture < 128
+        kept, _ = without_rules(mask, mask.astype(np.float32))
+        assert kept is mask
+    # A row of 7s cropped tightly: their bars line up across the picture, but not as straight
+    # as a printed line, and the digits are read whole.
+    sevens = [images[i] for i in np.flatnonzero(labels == 7)[:6]]
+    line = userstyle.number_line(sevens, np.random.default_rng(3))
+    grey = np.asarray(Image.open(io.BytesIO(line)).convert("L"))
+    rows, cols = np.nonzero(grey < 128)
+    cropped = grey[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    mask = cropped < 128
+    assert without_rules(mask, mask.astype(np.float32))[0] is mask
 
 
 def test_a_bold_digit_cropped_tightly_is_read_and_a_blot_is_not(mnist):

@@ -109,12 +109,55 @@ def tight(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     return _encode(Image.fromarray(grey), "PNG")
 
 
+def _rules(shape: tuple[int, int], spacing: float, thickness: float, angle: float,
+           offset: float, across: bool) -> np.ndarray:  # fmt: skip
+    """Anti-aliased parallel lines (coverage 0..1), ``spacing`` apart, turned by ``angle``
+    radians; ``across``: the lines at right angles to them as well (squared paper)."""
+    y, x = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    along = y * np.cos(angle) - x * np.sin(angle) - offset
+    out = np.zeros(shape, np.float32)
+    for v in (along, x * np.cos(angle) + y * np.sin(angle) - offset) if across else (along,):
+        distance = np.abs((v + spacing / 2) % spacing - spacing / 2)
+        out = np.maximum(out, np.clip(thickness / 2 + 0.5 - distance, 0, 1))
+    return out
+
+
+def ruled(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A digit in pen on ruled or squared paper (a notebook), photographed a little askew: the
+    printed lines, grey or blue, cross the picture from side to side and the digit sits on them
+    or across them; sometimes a red margin line runs down the page."""
+    size = int(rng.integers(40, 200))
+    layer = _sheet(_stroke(digit, size, rng), rng, 4, (300, 400))
+    h, w = layer.shape
+    angle = float(np.radians(rng.uniform(-3, 3)))
+    lines = _rules(
+        (h, w), size * float(rng.uniform(0.6, 1.3)), float(rng.uniform(1, 3)), angle,
+        float(rng.uniform(0, 100)), bool(rng.random() < 0.5),
+    )  # fmt: skip
+    lines *= rng.uniform(0.3, 0.7)  # how dark the print is
+    paper_rgb = rng.uniform(0.85, 0.97) * np.array([1.0, 1.0, rng.uniform(0.93, 1.0)])
+    line_rgb = rng.choice([[0.35, 0.35, 0.35], [0.35, 0.55, 0.85], [0.45, 0.65, 0.9]])
+    ink_rgb = rng.choice([[0.05, 0.05, 0.05], [0.1, 0.12, 0.45]])
+    rgb = paper_rgb + rng.normal(0, 0.02, (h, w, 1))
+    rgb = rgb * (1 - lines[..., None]) + line_rgb * lines[..., None]
+    if rng.random() < 0.3:
+        margin = np.zeros((h, w), np.float32)
+        margin[:, int(rng.integers(0, w - 2)) :][:, :2] = 0.6
+        rgb = rgb * (1 - margin[..., None]) + np.array([0.85, 0.3, 0.3]) * margin[..., None]
+    ink = layer[..., None] * rng.uniform(0.7, 0.95)
+    rgb = rgb * (1 - ink) + ink_rgb * ink
+    img = Image.fromarray(np.clip(rgb * 255, 0, 255).astype(np.uint8))
+    fmt = "JPEG" if rng.random() < 0.5 else "PNG"
+    return _encode(img, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+
+
 STYLES = {
     "paper-jpeg": lambda d, r: paper(d, r, "JPEG"),
     "paper-png": lambda d, r: paper(d, r, "PNG"),
     "canvas": canvas,
     "board": board,
     "scan": scan,
+    "ruled": ruled,
 }
 
 

@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from lenet import png
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
+from lenet.ruled import without_rules
 from lenet.segment import bounds, group_strokes
 from lenet.stats import median, quantiles
 
@@ -488,6 +489,8 @@ def find_ink(picture: Picture) -> InkMap | None:
         return None
     threshold = max(floor, 0.35 * peak)
     mask = x > threshold
+    # Ruled or squared paper: its printed lines out, so that a digit on them is alone.
+    mask, x = without_rules(mask, x)
     if not mask.any():
         return None
     # Components are labelled only inside the box that holds every candidate pixel: on a clean

@@ -1,0 +1,229 @@
+"""Ruled and squared paper: the printed lines that cross a picture from side to side are taken
+out of the ink, so that a digit written on them, or across them, is read alone.
+
+A digit that touches a rule is one piece of ink with it. Without this step that piece runs
+from edge to edge and is read as a desk or a frame (left out: "no digit found") or as the digit
+with a bar through it. A rule is told from a stroke by three things at once: it is thin, it runs
+from one side of the picture to the other (as the lines of a page do in any crop of it), and it
+is more than twice as long as the tallest piece of ink left beside it (so the bar of a tightly
+cropped 7, which also spans the picture, stays). Where a stroke crosses a rule, the pixels the
+two share are kept, so that the stroke stays whole.
+
+find_ink (lenet/preprocess.py) calls ``without_rules`` on its ink mask at the working scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from lenet.stats import median
+
+# A rule is at most this share of the picture's side thick (and at least 3 pixels may be): at
+# the working scale (at most 320 pixels a side) printed lines are 1 to 3 pixels, pen strokes of
+# a digit that fills a fifth of the picture 4 or more.
+MAX_THICKNESS = 0.02
+# A rule reaches both sides of the picture: it is found in the first and the last of the
+# strips of this many columns, and in at least MIN_COVER of them (the rest is where strokes
+# cross it or run along it).
+STRIP = 16
+MIN_COVER = 0.4
+# ...along a straight line or a gentle curve: no strip's row is farther than this from it.
+STRAIGHT_PX = 1.5
+# A rule of a page photographed askew may leave the picture through its top or bottom: it
+# still runs from one side over at least this share of the strips.
+MIN_SPAN = 0.25
+# A rule is longer than this many times the tallest piece of ink left beside it.
+MIN_LENGTH_TO_INK = 2.0
+# Pieces of one rule line up: across a gap of g columns the rows may differ by this many
+# pixels plus SLOPE * g (a page photographed up to about 3 degrees askew).
+ALIGN_PX = 2.0
+SLOPE = 0.06
+ALL_NEIGHBOURS = np.ones((3, 3), bool)
+
+
+def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``mask`` (bool, the surely-ink pixels) and ``ink`` (float, ink strength) with ruled
+    lines taken out: horizontal ones, vertical ones (squared paper, a margin line), or both.
+
+    Returns the inputs themselves when there is no rule, else new arrays.
+    """
+    across = _bands(mask)
+    down = _bands(mask.T)
+    if down is not None:
+        down = (down[0].T, down[1].T)
+    found = [bands for bands in (across, down) if bands is not None]
+    if not found:
+        return mask, ink
+    # The rule must be much longer than the ink beside it is tall (wide, for a vertical one):
+    # else the "rule" is a stroke that spans a tight crop (a 7's bar), and it stays.
+    rest = mask & ~_taken(found)
+    boxes = [b for b in ndimage.find_objects(ndimage.label(rest, ALL_NEIGHBOURS)[0]) if b]
+    height, width = mask.shape
+    tallest = max((b[0].stop - b[0].start for b in boxes), default=0)
+    widest = max((b[1].stop - b[1].start for b in boxes), default=0)
+    kept = [
+        bands
+        for bands, long, ink_side in ((across, width, tallest), (down, height, widest))
+        if bands is not None and long >= MIN_LENGTH_TO_INK * ink_side
+    ]
+    if not kept:
+        return mask, ink
+    if len(kept) < len(found):
+        rest = mask & ~_taken(kept)
+    # The rules' faint anti-aliased edges go too, a pixel either side, or they would come back
+    # with the strokes' own (mnist_digit keeps faint ink next to the strokes).
+    gone = mask & ~rest
+    for inside, crossed in kept:
+        faint = _grow(inside & ~crossed)
+        gone |= faint
+    return rest, np.where(gone & ~rest, np.float32(0.0), ink).astype(ink.dtype, copy=False)
+
+
+def _taken(found: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The pixels to take out for the rules ``found`` ((inside, crossed) for each direction):
+    each rule's band, less where a stroke crosses it; where two rules cross each other (squared
+    paper), the "stroke" is the other rule, and the pixels go."""
+    inside_any = np.logical_or.reduce([inside for inside, _ in found])
+    taken = inside_any.copy()
+    for index, (inside, crossed) in enumerate(found):
+        others = [o for j, (o, _) in enumerate(found) if j != index]
+        across_rule = np.logical_or.reduce(others) if others else np.zeros_like(inside)
+        taken &= ~(crossed & ~across_rule)
+    return taken
+
+
+def _grow(band: np.ndarray) -> np.ndarray:
+    """``band`` grown by a pixel up, down, left and right."""
+    out = band.copy()
+    out[1:] |= band[:-1]
+    out[:-1] |= band[1:]
+    out[:, 1:] |= band[:, :-1]
+    out[:, :-1] |= band[:, 1:]
+    return out
+
+
+def _bands(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The horizontal rules of ``mask`` as two masks: the rules' bands, and the part of them
+    a stroke crosses; None when there are none."""
+    height, width = mask.shape
+    # A rule reaches both sides: most pictures have no ink there and end here.
+    if width < 2 * STRIP or not (mask[:, :STRIP].any() and mask[:, -STRIP:].any()):
+        return None
+    thickness = max(3, round(MAX_THICKNESS * height))
+    tracks = _tracks(_thin_runs(mask, thickness), width, thickness)
+    if not tracks:
+        return None
+    rows = np.arange(height)[:, None]
+    columns = np.arange(width)
+    inside = np.zeros_like(mask)
+    crossed = np.zeros_like(mask)
+    for centre, half in tracks:
+        crossing = ~np.isnan(centre)
+        centre = np.where(crossing, centre, -height)  # nowhere near a row
+        top = np.floor(centre - half).astype(int)
+        bottom = np.ceil(centre + half).astype(int)
+        band = (rows >= top) & (rows <= bottom)
+        # A stroke crosses where there is ink just above and just below the rule (a column
+        # either way, for a slanted stroke): those pixels are the stroke's as much as the rule's.
+        above = _near(mask[np.clip(top - 1, 0, height - 1), columns] & (top > 0))
+        below = _near(mask[np.clip(bottom + 1, 0, height - 1), columns] & (bottom < height - 1))
+        inside |= band
+        crossed |= band & (above & below)
+    return inside, crossed
+
+
+def _near(row: np.ndarray) -> np.ndarray:
+    """``row`` (bool, one per column) widened by a column either way."""
+    out = row.copy()
+    out[1:] |= row[:-1]
+    out[:-1] |= row[1:]
+    return out
+
+
+def _thin_runs(mask: np.ndarray, thickness: int) -> np.ndarray:
+    """The pixels of ``mask`` in vertical runs at most ``thickness`` long: everything a
+    horizontal line of that thickness is made of, and none of a stroke crossing it."""
+    columns = np.ascontiguousarray(mask.T)  # each column's pixels one after the other
+    flat = columns.ravel()
+    starts = flat.copy()
+    starts[1:] &= ~flat[:-1]
+    starts[:: mask.shape[0]] = flat[:: mask.shape[0]]  # a run never continues into a new column
+    run = np.cumsum(starts) * flat
+    lengths = np.bincount(run)
+    thin = flat & (lengths[run] <= thickness)
+    return thin.reshape(columns.shape).T
+
+
+def _tracks(thin: np.ndarray, width: int, thickness: int) -> list[tuple[np.ndarray, float]]:
+    """The rules among the thin pieces: for each, its centre row at every column it crosses
+    (NaN elsewhere) and half its thickness.
+
+    The picture is cut into strips STRIP columns wide; in each, a rule is a run of rows that
+    are mostly thin ink. Strips, not connected pieces: a stroke that touches a rule joins its
+    piece, but it spoils only the strips it is in. A rule's runs line up from the first strip
+    to the last."""
+    height = thin.shape[0]
+    count = -(-width // STRIP)
+    padded = np.zeros((height, count * STRIP), bool)
+    # Row y stands for rows y and y + 1: a thin rule a little askew steps from one row to the
+    # next within a strip.
+    padded[:-1, :width] = thin[:-1] | thin[1:]
+    filled = padded.reshape(height, count, STRIP).sum(axis=2)
+    strip_widths = np.full(count, STRIP)
+    strip_widths[-1] = width - (count - 1) * STRIP
+    ruled = filled >= 0.5 * strip_widths
+    middles = np.arange(count) * STRIP + strip_widths / 2.0
+    # Chains of runs, left to right: [(strip, centre, thickness), ...]
+    chains: list[list[tuple[int, float, int]]] = []
+    for strip in range(count):
+        rows = np.flatnonzero(ruled[:, strip])
+        if not len(rows):
+            continue
+        for run in np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1):
+            centre = float(run.mean()) + 0.5
+            best, distance = None, None
+            for chain in chains:
+                last, at, _ = chain[-1]
+                off = abs(centre - at)
+                if last < strip and off <= ALIGN_PX + SLOPE * STRIP * (strip - last):
+                    if distance is None or off < distance:
+                        best, distance = chain, off
+            if best is None:
+                chains.append([(strip, centre, len(run))])
+            else:
+                best.append((strip, centre, len(run)))
+    tracks = []
+    columns = np.arange(width)
+    for chain in chains:
+        first, last = chain[0][0], chain[-1][0]
+        span = last - first + 1
+        # A rule crosses the picture (its ends may be too faint in the strip at a side), or
+        # leaves it through the top or bottom when the page is askew.
+        starts, ends = first <= 1, last >= count - 2
+        if not (starts or ends) or span < MIN_SPAN * count or len(chain) < MIN_COVER * span:
+            continue
+        if not (starts or _at_top_or_bottom(chain[0][1], height, thickness)):
+            continue
+        if not (ends or _at_top_or_bottom(chain[-1][1], height, thickness)):
+            continue
+        strips = [strip for strip, _, _ in chain]
+        rows = np.array([c for _, c, _ in chain])
+        # Printed lines are straight, or bend gently with the page; the bars of a row of
+        # handwritten 7s that happen to line up are not (MNIST's wander by 3 pixels and more).
+        if len(chain) >= 4:
+            fit = np.polyval(np.polyfit(middles[strips], rows, 2), middles[strips])
+            if np.abs(rows - fit).max() > STRAIGHT_PX:
+                continue
+        centres = np.interp(columns, middles[strips], rows)
+        within = (columns >= (0 if starts else first * STRIP)) & (
+            columns < (width if ends else (last + 1) * STRIP)
+        )
+        thick = median([float(t) for _, _, t in chain])
+        tracks.append((np.where(within, centres, np.nan), thick / 2.0))
+    return tracks
+
+
+def _at_top_or_bottom(centre: float, height: int, thickness: int) -> bool:
+    """Whether a rule's end at row ``centre`` is where it leaves the picture."""
+    return min(centre, height - 1 - centre) <= thickness + ALIGN_PX
