@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# Strokes of prepared digits, in the page's 280x280 canvas pixels.
+# Strokes of prepared digits, in the page's 280x280 drawing units.
 def _ellipse(cx, cy, rx, ry, n=28):
     return [
         (cx + rx * math.sin(2 * math.pi * k / n), cy - ry * math.cos(2 * math.pi * k / n))
@@ -67,9 +67,10 @@ def browser():
 
 
 def draw(driver, strokes, kind=interaction.POINTER_MOUSE):
-    """Trace strokes (canvas pixels) on the canvas with pointer events of the given kind."""
+    """Trace strokes (in the drawing's units: 280x280, 840x280 for a line) on the canvas with
+    pointer events of the given kind."""
     pad = driver.find_element(By.ID, "pad")
-    width, height = int(pad.get_attribute("width")), int(pad.get_attribute("height"))
+    width, height = driver.execute_script("return [units.width, units.height]")
     sx, sy = pad.size["width"] / width, pad.size["height"] / height
     pointer = PointerInput(kind, kind)
     actions = ActionBuilder(driver, mouse=pointer, duration=10)
@@ -163,9 +164,8 @@ def test_the_keyboard_pen_is_lifted_by_clear_undo_and_escape(server, browser):
 def test_several_digits_in_a_row(server, browser):
     browser.get(server + "/")
     browser.find_element(By.ID, "multi").click()
-    pad = browser.find_element(By.ID, "pad")
-    assert pad.get_attribute("width") == "840"
-    # The wide canvas is 840x280 pixels: 7, 1 and 4 side by side.
+    assert browser.execute_script("return [units.width, units.height]") == [840, 280]
+    # The wide drawing is 840x280: 7, 1 and 4 side by side.
     strokes = [
         [(x + 280 * slot, y) for x, y in stroke]
         for slot, digit in enumerate((7, 1, 4))
@@ -173,6 +173,31 @@ def test_several_digits_in_a_row(server, browser):
     ]
     draw(browser, strokes)
     shown(browser, "text", "714")
+
+
+def test_a_phone_screen_gets_sharp_ink_and_the_service_the_usual_picture(server, browser):
+    # A phone: 375x667 CSS pixels, 3 device pixels to each. The canvas had 280 pixels a side
+    # shown over about 1,000 device pixels: blurred ink. Its pixels are now the screen's, and
+    # what is sent is still the 280x280 drawing.
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 375, "height": 667, "deviceScaleFactor": 3, "mobile": True},
+    )
+    try:
+        browser.get(server + "/")
+        pad = browser.find_element(By.ID, "pad")
+        css = browser.execute_script("return arguments[0].getBoundingClientRect().width", pad)
+        assert 300 <= css <= 360
+        assert int(pad.get_attribute("width")) == round(css * 3)
+        draw(browser, DIGITS[4], interaction.POINTER_TOUCH)
+        shown(browser, "digit", "4")
+        sent = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "picture().then((b) => createImageBitmap(b)).then((i) => done([i.width, i.height]));"
+        )
+        assert sent == [280, 280]
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def test_the_network_view_shows_feature_maps_of_the_drawing(server, browser):

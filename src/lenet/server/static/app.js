@@ -16,38 +16,66 @@ const PEN_WIDTH = 20;
 const KEY_STEP = 10;
 const DEBOUNCE_MS = 120;
 
-let strokes = []; // each stroke: an array of [x, y] in canvas pixels
+// The drawing's own size: what is sent (a 280x280 PNG, 840x280 for a line of digits), and the
+// units of every stroke. The canvases' pixels are their size on the screen times the device's
+// pixel ratio instead, so that the ink is sharp on a phone or a high-density screen.
+const units = { width: 280, height: 280 };
+let strokes = []; // each stroke: an array of [x, y] in drawing units
 let current = null; // the stroke being drawn, if any
 // The keyboard's pen: where it is, and the stroke it draws while it is down (null: lifted).
 // Its own stroke, not the last one: undo, clear or a mouse stroke in between must not make
 // the arrows extend some other stroke.
-let keyPen = { x: 140, y: 140, stroke: null, shown: false };
+let keyPen = { x: units.width / 2, y: units.height / 2, stroke: null, shown: false };
 
 // ---- drawing -------------------------------------------------------------------------
 
-function drawStroke(points) {
-  ctx.beginPath();
-  ctx.moveTo(points[0][0], points[0][1]);
+function drawStroke(context, points) {
+  context.beginPath();
+  context.moveTo(points[0][0], points[0][1]);
   // A single point is drawn as a dot: a tap must leave a mark.
-  if (points.length === 1) ctx.lineTo(points[0][0] + 0.1, points[0][1]);
-  for (const [x, y] of points.slice(1)) ctx.lineTo(x, y);
-  ctx.stroke();
+  if (points.length === 1) context.lineTo(points[0][0] + 0.1, points[0][1]);
+  for (const [x, y] of points.slice(1)) context.lineTo(x, y);
+  context.stroke();
+}
+
+// The strokes onto a canvas, its pixels ``scaleX`` and ``scaleY`` drawing units.
+function paint(context, canvas, scaleX, scaleY) {
+  // Transparent background, dark ink: what a drawing app exports.
+  context.setTransform(1, 0, 0, 1, 0, 0);
+  context.clearRect(0, 0, canvas.width, canvas.height);
+  context.setTransform(scaleX, 0, 0, scaleY, 0, 0);
+  context.lineWidth = PEN_WIDTH;
+  context.lineCap = "round";
+  context.lineJoin = "round";
+  context.strokeStyle = "#000";
+  for (const s of strokes) drawStroke(context, s);
 }
 
 function redraw() {
-  // Transparent background, dark ink: what a drawing app exports.
-  ctx.clearRect(0, 0, pad.width, pad.height);
-  ctx.lineWidth = PEN_WIDTH;
-  ctx.lineCap = "round";
-  ctx.lineJoin = "round";
-  ctx.strokeStyle = "#000";
-  for (const s of strokes) drawStroke(s);
+  paint(ctx, pad, pad.width / units.width, pad.height / units.height);
   drawCursor();
 }
 
+// The canvases' pixels to their size on the screen (device pixels): called when the layout or
+// the pixel ratio changes (zoom, a window moved to another screen).
+function fit() {
+  const r = pad.getBoundingClientRect();
+  const ratio = window.devicePixelRatio || 1;
+  const width = Math.max(1, Math.round(r.width * ratio));
+  const height = Math.max(1, Math.round(r.height * ratio));
+  if (pad.width === width && pad.height === height) return;
+  pad.width = cursor.width = width;
+  pad.height = cursor.height = height;
+  redraw();
+}
+new ResizeObserver(fit).observe(wrap);
+window.addEventListener("resize", fit);
+
 function drawCursor() {
+  cursorCtx.setTransform(1, 0, 0, 1, 0, 0);
   cursorCtx.clearRect(0, 0, cursor.width, cursor.height);
   if (!keyPen.shown) return;
+  cursorCtx.setTransform(cursor.width / units.width, 0, 0, cursor.height / units.height, 0, 0);
   cursorCtx.strokeStyle = keyPen.stroke ? "#c22" : "#2457c5";
   cursorCtx.lineWidth = 2;
   cursorCtx.beginPath();
@@ -58,8 +86,8 @@ function drawCursor() {
 function toCanvas(event) {
   const r = pad.getBoundingClientRect();
   return [
-    ((event.clientX - r.left) * pad.width) / r.width,
-    ((event.clientY - r.top) * pad.height) / r.height,
+    ((event.clientX - r.left) * units.width) / r.width,
+    ((event.clientY - r.top) * units.height) / r.height,
   ];
 }
 
@@ -128,8 +156,8 @@ pad.addEventListener("keydown", (event) => {
   if (event.key in moves) {
     event.preventDefault();
     const [dx, dy] = moves[event.key];
-    keyPen.x = Math.min(pad.width, Math.max(0, keyPen.x + dx * KEY_STEP));
-    keyPen.y = Math.min(pad.height, Math.max(0, keyPen.y + dy * KEY_STEP));
+    keyPen.x = Math.min(units.width, Math.max(0, keyPen.x + dx * KEY_STEP));
+    keyPen.y = Math.min(units.height, Math.max(0, keyPen.y + dy * KEY_STEP));
     keyPen.shown = true;
     if (keyPen.stroke) {
       keyPen.stroke.push([keyPen.x, keyPen.y]);
@@ -166,12 +194,12 @@ pad.addEventListener("blur", () => {
 
 multi.addEventListener("change", () => {
   // A line of digits needs a wide canvas; the old drawing does not fit it.
-  const width = multi.checked ? 840 : 280;
-  pad.width = cursor.width = width;
+  units.width = multi.checked ? 840 : 280;
   wrap.classList.toggle("wide", multi.checked);
   document.getElementById("single").hidden = multi.checked;
   document.getElementById("line").hidden = !multi.checked;
-  keyPen.x = width / 2;
+  keyPen.x = units.width / 2;
+  fit();
   clearAll();
 });
 explain.addEventListener("change", changed);
@@ -188,8 +216,14 @@ function changed() {
   timer = setTimeout(send, DEBOUNCE_MS);
 }
 
+// What is sent: the drawing at its own size, whatever the screen (the service's figures are
+// for these pictures; a phone's would be several times larger, for nothing).
 function picture() {
-  return new Promise((resolve) => pad.toBlob(resolve, "image/png"));
+  const out = document.createElement("canvas");
+  out.width = units.width;
+  out.height = units.height;
+  paint(out.getContext("2d"), out, 1, 1);
+  return new Promise((resolve) => out.toBlob(resolve, "image/png"));
 }
 
 async function post(path, blob) {
