@@ -403,12 +403,12 @@ def test_a_blank_page_on_a_dark_desk_is_no_digit():
     st.integers(1, 40), st.integers(1, 40), st.floats(0.0, 0.3), st.integers(0, 3), st.integers()
 )
 def test_growing_a_mask_is_scipys_dilation(height, width, density, steps, seed):
-    from lenet.preprocess import _grow
+    from lenet.segment import grow
 
     mask = np.random.default_rng(seed % 2**32).random((height, width)) < density
     expected = ndimage.binary_dilation(mask, iterations=steps) if steps else mask
     before = mask.copy()
-    assert np.array_equal(_grow(mask, steps), expected)
+    assert np.array_equal(grow(mask, steps), expected)
     assert np.array_equal(mask, before)  # the caller's mask is left as it was
 
 

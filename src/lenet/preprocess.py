@@ -24,7 +24,7 @@ from scipy import ndimage
 from lenet import png
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
 from lenet.ruled import without_rules
-from lenet.segment import bounds, group_strokes
+from lenet.segment import bounds, group_strokes, grow
 from lenet.stats import median, quantiles
 
 # Pillow's names for the formats lenet reads (MPO is how Pillow names many cameras' JPEGs).
@@ -641,28 +641,13 @@ def _around_strokes(
     return (slice(top, bottom), slice(left, right)), (top, left)
 
 
-def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
-    """``mask`` grown by ``steps`` pixels up, down, left and right: what
-    ``ndimage.binary_dilation(mask, iterations=steps)`` gives, by array shifts that take a
-    fraction of its time on a digit-sized crop."""
-    out = mask
-    for _ in range(steps):
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        grown[:, 1:] |= out[:, :-1]
-        grown[:, :-1] |= out[:, 1:]
-        out = grown
-    return out
-
-
 def mnist_digit(ink: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Fit the inked region into 20x20 (aspect kept, anti-aliased) and centre its mass in 28x28."""
     # Keep only ink that belongs to the kept strokes, with their faint anti-aliased edges
     # (worked out around the strokes only, not over the whole picture).
     window, _ = _around_strokes(mask)
     mask, ink = mask[window], ink[window]
-    near = _grow(mask, 2)
+    near = grow(mask, 2)
     kept = np.where(near, ink, np.float32(0.0)).astype(np.float32, copy=False)  # Pillow's "F"
     y0, y1, x0, x1 = bounds(kept > 0)
     crop = kept[y0:y1, x0:x1]

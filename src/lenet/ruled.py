@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from lenet.segment import ALL_NEIGHBOURS, grow
 from lenet.stats import median
 
 # A rule is at most this share of the picture's side thick (and at least 3 pixels may be): at
@@ -39,7 +40,6 @@ MIN_LENGTH_TO_INK = 2.0
 # pixels plus SLOPE * g (a page photographed up to about 3 degrees askew).
 ALIGN_PX = 2.0
 SLOPE = 0.06
-ALL_NEIGHBOURS = np.ones((3, 3), bool)
 
 
 def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +75,7 @@ def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.nda
     # with the strokes' own (mnist_digit keeps faint ink next to the strokes).
     gone = mask & ~rest
     for inside, crossed in kept:
-        faint = _grow(inside & ~crossed)
+        faint = grow(inside & ~crossed, 1)
         gone |= faint
     return rest, np.where(gone & ~rest, np.float32(0.0), ink).astype(ink.dtype, copy=False)
 
@@ -91,16 +91,6 @@ def _taken(found: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         across_rule = np.logical_or.reduce(others) if others else np.zeros_like(inside)
         taken &= ~(crossed & ~across_rule)
     return taken
-
-
-def _grow(band: np.ndarray) -> np.ndarray:
-    """``band`` grown by a pixel up, down, left and right."""
-    out = band.copy()
-    out[1:] |= band[:-1]
-    out[:-1] |= band[1:]
-    out[:, 1:] |= band[:, :-1]
-    out[:, :-1] |= band[:, 1:]
-    return out
 
 
 def _bands(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

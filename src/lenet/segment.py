@@ -40,6 +40,21 @@ def bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
+def grow(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``mask`` grown by ``steps`` pixels up, down, left and right: what
+    ``ndimage.binary_dilation(mask, iterations=steps)`` gives, by array shifts that take a
+    fraction of its time on a digit-sized crop."""
+    out = mask
+    for _ in range(steps):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
 def group_strokes(mask: np.ndarray) -> list[np.ndarray]:
     """Masks of the digits (groups of strokes) in ``mask``, left to right, lines left out."""
     labels, count = ndimage.label(mask, structure=ALL_NEIGHBOURS)
