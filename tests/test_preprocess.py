@@ -7,7 +7,7 @@ import pytest
 import userstyle
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
@@ -298,6 +298,23 @@ def test_strokes_that_span_the_picture_are_not_taken_for_lines(digits):
     rows, cols = np.nonzero(grey < 128)
     cropped = grey[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     mask = cropped < 128
+    assert without_rules(mask, mask.astype(np.float32))[0] is mask
+    # Typed 7s: their bars line up exactly, but are as thick as the stems beside them.
+    typed = np.asarray(Image.open(io.BytesIO(userstyle.typed(7, 40, None))).convert("L"))
+    rows, cols = np.nonzero(typed < 128)
+    seven = typed[rows.min() - 1 : rows.max() + 2, cols.min() - 1 : cols.max() + 2]
+    row = np.hstack([seven] * 5)
+    mask = row < 128
+    assert without_rules(mask, mask.astype(np.float32))[0] is mask
+    # A thin 1 cropped tightly spans the picture as a line would, alone: it stays.
+    one = Image.new("L", (15, 60), 235)
+    ImageDraw.Draw(one).line([(9, 3), (5, 57)], fill=20, width=2)
+    assert preprocess(np.asarray(one)) is not None
+    # A small picture has few strips: a stroke in the middle one is no line reaching the sides.
+    assert labels[0] == 7
+    small = np.asarray(Image.fromarray(images[0]).resize((32, 32)), np.float32)
+    page = np.pad(255 - 0.8 * small, 4, constant_values=255).astype(np.uint8)
+    mask = page < 128
     assert without_rules(mask, mask.astype(np.float32))[0] is mask
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from lenet.segment import ALL_NEIGHBOURS, grow
-from lenet.stats import median
+from lenet.stats import median, quantiles
 
 # A rule is at most this share of the picture's side thick (and at least 3 pixels may be): at
 # the working scale (at most 320 pixels a side) printed lines are 1 to 3 pixels, pen strokes of
@@ -40,6 +40,10 @@ MIN_LENGTH_TO_INK = 2.0
 # pixels plus SLOPE * g (a page photographed up to about 3 degrees askew).
 ALIGN_PX = 2.0
 SLOPE = 0.06
+# ...across at most this many strips (a digit's width at the working scale).
+MAX_GAP = 8
+# A rule is at most this share of the strokes' thickness beside it.
+RULE_TO_STROKE = 0.75
 
 
 def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +55,7 @@ def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.nda
     across = _bands(mask)
     down = _bands(mask.T)
     if down is not None:
-        down = (down[0].T, down[1].T)
+        down = (down[0].T, down[1].T, *down[2:])
     found = [bands for bands in (across, down) if bands is not None]
     if not found:
         return mask, ink
@@ -59,13 +63,24 @@ def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.nda
     # else the "rule" is a stroke that spans a tight crop (a 7's bar), and it stays.
     rest = mask & ~_taken(found)
     boxes = [b for b in ndimage.find_objects(ndimage.label(rest, ALL_NEIGHBOURS)[0]) if b]
+    if not boxes:
+        # Nothing beside them: a blank page of lines (they go), or one thin stroke alone, a 1
+        # cropped tightly (it stays).
+        if sum(bands[3] for bands in found) == 1:
+            return mask, ink
+        return rest, np.zeros_like(ink)
     height, width = mask.shape
-    tallest = max((b[0].stop - b[0].start for b in boxes), default=0)
-    widest = max((b[1].stop - b[1].start for b in boxes), default=0)
+    tallest = max(b[0].stop - b[0].start for b in boxes)
+    widest = max(b[1].stop - b[1].start for b in boxes)
+    # And printed lines are thinner than the strokes left beside them; the bars of typed 7s
+    # that line up across a tight crop are as thick as their stems.
+    (deep,) = quantiles(ndimage.distance_transform_edt(rest)[rest], (0.9,))
     kept = [
         bands
         for bands, long, ink_side in ((across, width, tallest), (down, height, widest))
-        if bands is not None and long >= MIN_LENGTH_TO_INK * ink_side
+        if bands is not None
+        and long >= MIN_LENGTH_TO_INK * ink_side
+        and bands[2] <= RULE_TO_STROKE * 2 * deep
     ]
     if not kept:
         return mask, ink
@@ -74,28 +89,30 @@ def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.nda
     # The rules' faint anti-aliased edges go too, a pixel either side, or they would come back
     # with the strokes' own (mnist_digit keeps faint ink next to the strokes).
     gone = mask & ~rest
-    for inside, crossed in kept:
+    for inside, crossed, *_ in kept:
         faint = grow(inside & ~crossed, 1)
         gone |= faint
     return rest, np.where(gone & ~rest, np.float32(0.0), ink).astype(ink.dtype, copy=False)
 
 
-def _taken(found: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """The pixels to take out for the rules ``found`` ((inside, crossed) for each direction):
+def _taken(found: list[tuple[np.ndarray, np.ndarray, float, int]]) -> np.ndarray:
+    """The pixels to take out for the rules ``found`` ((inside, crossed, thickness, count)
+    for each direction):
     each rule's band, less where a stroke crosses it; where two rules cross each other (squared
     paper), the "stroke" is the other rule, and the pixels go."""
-    inside_any = np.logical_or.reduce([inside for inside, _ in found])
+    inside_any = np.logical_or.reduce([bands[0] for bands in found])
     taken = inside_any.copy()
-    for index, (inside, crossed) in enumerate(found):
-        others = [o for j, (o, _) in enumerate(found) if j != index]
+    for index, (inside, crossed, *_) in enumerate(found):
+        others = [bands[0] for j, bands in enumerate(found) if j != index]
         across_rule = np.logical_or.reduce(others) if others else np.zeros_like(inside)
         taken &= ~(crossed & ~across_rule)
     return taken
 
 
-def _bands(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """The horizontal rules of ``mask`` as two masks: the rules' bands, and the part of them
-    a stroke crosses; None when there are none."""
+def _bands(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int] | None:
+    """The horizontal rules of ``mask`` as two masks, the rules' bands and the part of them a
+    stroke crosses, the thickest rule's thickness and how many there are; None when there are
+    none."""
     height, width = mask.shape
     # A rule reaches both sides: most pictures have no ink there and end here.
     if width < 2 * STRIP or not (mask[:, :STRIP].any() and mask[:, -STRIP:].any()):
@@ -120,7 +137,7 @@ def _bands(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         below = _near(mask[np.clip(bottom + 1, 0, height - 1), columns] & (bottom < height - 1))
         inside |= band
         crossed |= band & (above & below)
-    return inside, crossed
+    return inside, crossed, 2.0 * max(half for _, half in tracks), len(tracks)
 
 
 def _near(row: np.ndarray) -> np.ndarray:
@@ -175,6 +192,8 @@ def _tracks(thin: np.ndarray, width: int, thickness: int) -> list[tuple[np.ndarr
             best, distance = None, None
             for chain in chains:
                 last, at, _ = chain[-1]
+                if strip - last > MAX_GAP:
+                    continue
                 off = abs(centre - at)
                 if last < strip and off <= ALIGN_PX + SLOPE * STRIP * (strip - last):
                     if distance is None or off < distance:
@@ -190,7 +209,9 @@ def _tracks(thin: np.ndarray, width: int, thickness: int) -> list[tuple[np.ndarr
         span = last - first + 1
         # A rule crosses the picture (its ends may be too faint in the strip at a side), or
         # leaves it through the top or bottom when the page is askew.
-        starts, ends = first <= 1, last >= count - 2
+        # (The strip at a side may miss a faint end, unless the picture has only a few strips.)
+        slack = 1 if count > 4 else 0
+        starts, ends = first <= slack, last >= count - 1 - slack
         if not (starts or ends) or span < MIN_SPAN * count or len(chain) < MIN_COVER * span:
             continue
         if not (starts or _at_top_or_bottom(chain[0][1], height, thickness)):
