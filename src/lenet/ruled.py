@@ -14,6 +14,8 @@ find_ink (lenet/preprocess.py) calls ``without_rules`` on its ink mask at the wo
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 from scipy import ndimage
 
@@ -42,6 +44,8 @@ ALIGN_PX = 2.0
 SLOPE = 0.06
 # ...across at most this many strips (a digit's width at the working scale).
 MAX_GAP = 8
+# The farthest apart two runs of one rule can be.
+REACH = ALIGN_PX + SLOPE * STRIP * MAX_GAP
 # A rule is at most this share of the strokes' thickness beside it.
 RULE_TO_STROKE = 0.75
 
@@ -130,13 +134,16 @@ def _bands(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int] | None
         centre = np.where(crossing, centre, -height)  # nowhere near a row
         top = np.floor(centre - half).astype(int)
         bottom = np.ceil(centre + half).astype(int)
-        band = (rows >= top) & (rows <= bottom)
+        # Only the rows the rule runs through (a few, or a few dozen when it is askew).
+        lo = max(0, int(top[crossing].min()))
+        hi = min(height, int(bottom[crossing].max()) + 1)
+        band = (rows[lo:hi] >= top) & (rows[lo:hi] <= bottom)
         # A stroke crosses where there is ink just above and just below the rule (a column
         # either way, for a slanted stroke): those pixels are the stroke's as much as the rule's.
         above = _near(mask[np.clip(top - 1, 0, height - 1), columns] & (top > 0))
         below = _near(mask[np.clip(bottom + 1, 0, height - 1), columns] & (bottom < height - 1))
-        inside |= band
-        crossed |= band & (above & below)
+        inside[lo:hi] |= band
+        crossed[lo:hi] |= band & (above & below)
     return inside, crossed, 2.0 * max(half for _, half in tracks), len(tracks)
 
 
@@ -183,25 +190,34 @@ def _tracks(thin: np.ndarray, width: int, thickness: int) -> list[tuple[np.ndarr
     middles = np.arange(count) * STRIP + strip_widths / 2.0
     # Chains of runs, left to right: [(strip, centre, thickness), ...]
     chains: list[list[tuple[int, float, int]]] = []
+    open_chains: list[list[tuple[int, float, int]]] = []  # those a run may still continue
     for strip in range(count):
         rows = np.flatnonzero(ruled[:, strip])
         if not len(rows):
             continue
+        open_chains = [chain for chain in open_chains if strip - chain[-1][0] <= MAX_GAP]
+        # The runs' centres in this strip, and where each open chain's end points: the
+        # nearest end within reach, among the ends before this strip.
+        ends = sorted((chain[-1][1], k) for k, chain in enumerate(open_chains))
+        at_rows = [at for at, _ in ends]
         for run in np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1):
             centre = float(run.mean()) + 0.5
             best, distance = None, None
-            for chain in chains:
-                last, at, _ = chain[-1]
-                if strip - last > MAX_GAP:
+            low = bisect.bisect_left(at_rows, centre - REACH)
+            high = bisect.bisect_right(at_rows, centre + REACH)
+            for at, k in ends[low:high]:
+                chain = open_chains[k]
+                if chain[-1][0] == strip:  # taken by another run of this strip
                     continue
                 off = abs(centre - at)
-                if last < strip and off <= ALIGN_PX + SLOPE * STRIP * (strip - last):
+                if off <= ALIGN_PX + SLOPE * STRIP * (strip - chain[-1][0]):
                     if distance is None or off < distance:
                         best, distance = chain, off
             if best is None:
-                chains.append([(strip, centre, len(run))])
-            else:
-                best.append((strip, centre, len(run)))
+                best = []
+                chains.append(best)
+                open_chains.append(best)
+            best.append((strip, centre, len(run)))
     tracks = []
     columns = np.arange(width)
     for chain in chains:
