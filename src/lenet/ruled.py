@@ -3,11 +3,13 @@ out of the ink, so that a digit written on them, or across them, is read alone.
 
 A digit that touches a rule is one piece of ink with it. Without this step that piece runs
 from edge to edge and is read as a desk or a frame (left out: "no digit found") or as the digit
-with a bar through it. A rule is told from a stroke by three things at once: it is thin, it runs
-from one side of the picture to the other (as the lines of a page do in any crop of it), and it
-is more than twice as long as the tallest piece of ink left beside it (so the bar of a tightly
-cropped 7, which also spans the picture, stays). Where a stroke crosses a rule, the pixels the
-two share are kept, so that the stroke stays whole.
+with a bar through it. A rule is told from a stroke by four things at once: it is thin, it runs
+from one side of the picture to the other along a straight line or a gentle curve (as the lines
+of a page do in any crop of it), it is more than twice as long as the tallest piece of ink left
+beside it (so the bar of a tightly cropped 7, which also spans the picture, stays), and it is
+thinner than the strokes left beside it (so the bars of typed 7s lined up in a tight crop stay).
+Where a stroke crosses a rule, the pixels the two share are kept, so that the stroke stays
+whole.
 
 find_ink (lenet/preprocess.py) calls ``without_rules`` on its ink mask at the working scale.
 """
@@ -15,6 +17,7 @@ find_ink (lenet/preprocess.py) calls ``without_rules`` on its ink mask at the wo
 from __future__ import annotations
 
 import bisect
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -50,6 +53,15 @@ REACH = ALIGN_PX + SLOPE * STRIP * MAX_GAP
 RULE_TO_STROKE = 0.75
 
 
+class Rules(NamedTuple):
+    """The rules of one direction."""
+
+    inside: np.ndarray  # bool: the rules' bands
+    crossed: np.ndarray  # bool: the part of the bands a stroke crosses (kept)
+    thickness: float  # the thickest rule's, in pixels
+    count: int
+
+
 def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``mask`` (bool, the surely-ink pixels) and ``ink`` (float, ink strength) with ruled
     lines taken out: horizontal ones, vertical ones (squared paper, a margin line), or both.
@@ -59,8 +71,8 @@ def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.nda
     across = _bands(mask)
     down = _bands(mask.T)
     if down is not None:
-        down = (down[0].T, down[1].T, *down[2:])
-    found = [bands for bands in (across, down) if bands is not None]
+        down = down._replace(inside=down.inside.T, crossed=down.crossed.T)
+    found = [rules for rules in (across, down) if rules is not None]
     if not found:
         return mask, ink
     # The rule must be much longer than the ink beside it is tall (wide, for a vertical one):
@@ -70,7 +82,7 @@ def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.nda
     if not boxes:
         # Nothing beside them: a blank page of lines (they go), or one thin stroke alone, a 1
         # cropped tightly (it stays).
-        if sum(bands[3] for bands in found) == 1:
+        if sum(rules.count for rules in found) == 1:
             return mask, ink
         return rest, np.zeros_like(ink)
     height, width = mask.shape
@@ -80,11 +92,11 @@ def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.nda
     # that line up across a tight crop are as thick as their stems.
     (deep,) = quantiles(ndimage.distance_transform_edt(rest)[rest], (0.9,))
     kept = [
-        bands
-        for bands, long, ink_side in ((across, width, tallest), (down, height, widest))
-        if bands is not None
+        rules
+        for rules, long, ink_side in ((across, width, tallest), (down, height, widest))
+        if rules is not None
         and long >= MIN_LENGTH_TO_INK * ink_side
-        and bands[2] <= RULE_TO_STROKE * 2 * deep
+        and rules.thickness <= RULE_TO_STROKE * 2 * deep
     ]
     if not kept:
         return mask, ink
@@ -93,30 +105,27 @@ def without_rules(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.nda
     # The rules' faint anti-aliased edges go too, a pixel either side, or they would come back
     # with the strokes' own (mnist_digit keeps faint ink next to the strokes).
     gone = mask & ~rest
-    for inside, crossed, *_ in kept:
-        faint = grow(inside & ~crossed, 1)
-        gone |= faint
+    for rules in kept:
+        gone |= grow(rules.inside & ~rules.crossed, 1)
     return rest, np.where(gone & ~rest, np.float32(0.0), ink).astype(ink.dtype, copy=False)
 
 
-def _taken(found: list[tuple[np.ndarray, np.ndarray, float, int]]) -> np.ndarray:
-    """The pixels to take out for the rules ``found`` ((inside, crossed, thickness, count)
-    for each direction):
-    each rule's band, less where a stroke crosses it; where two rules cross each other (squared
-    paper), the "stroke" is the other rule, and the pixels go."""
-    inside_any = np.logical_or.reduce([bands[0] for bands in found])
-    taken = inside_any.copy()
-    for index, (inside, crossed, *_) in enumerate(found):
-        others = [bands[0] for j, bands in enumerate(found) if j != index]
-        across_rule = np.logical_or.reduce(others) if others else np.zeros_like(inside)
-        taken &= ~(crossed & ~across_rule)
+def _taken(found: list[Rules]) -> np.ndarray:
+    """The pixels to take out for the rules ``found``: their bands, less where a stroke crosses
+    them; where two rules cross each other (squared paper), the "stroke" is the other rule, and
+    the pixels go."""
+    taken = np.logical_or.reduce([rules.inside for rules in found])
+    for rules in found:
+        stroke = rules.crossed
+        for other in found:
+            if other is not rules:
+                stroke = stroke & ~other.inside
+        taken &= ~stroke
     return taken
 
 
-def _bands(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int] | None:
-    """The horizontal rules of ``mask`` as two masks, the rules' bands and the part of them a
-    stroke crosses, the thickest rule's thickness and how many there are; None when there are
-    none."""
+def _bands(mask: np.ndarray) -> Rules | None:
+    """The horizontal rules of ``mask``; None when there are none."""
     height, width = mask.shape
     # A rule reaches both sides: most pictures have no ink there and end here.
     if width < 2 * STRIP or not (mask[:, :STRIP].any() and mask[:, -STRIP:].any()):
@@ -144,7 +153,7 @@ def _bands(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int] | None
         below = _near(mask[np.clip(bottom + 1, 0, height - 1), columns] & (bottom < height - 1))
         inside[lo:hi] |= band
         crossed[lo:hi] |= band & (above & below)
-    return inside, crossed, 2.0 * max(half for _, half in tracks), len(tracks)
+    return Rules(inside, crossed, 2.0 * max(half for _, half in tracks), len(tracks))
 
 
 def _near(row: np.ndarray) -> np.ndarray:
@@ -198,14 +207,14 @@ def _tracks(thin: np.ndarray, width: int, thickness: int) -> list[tuple[np.ndarr
         open_chains = [chain for chain in open_chains if strip - chain[-1][0] <= MAX_GAP]
         # The runs' centres in this strip, and where each open chain's end points: the
         # nearest end within reach, among the ends before this strip.
-        ends = sorted((chain[-1][1], k) for k, chain in enumerate(open_chains))
-        at_rows = [at for at, _ in ends]
+        reachable = sorted((chain[-1][1], k) for k, chain in enumerate(open_chains))
+        at_rows = [at for at, _ in reachable]
         for run in np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1):
             centre = float(run.mean()) + 0.5
             best, distance = None, None
             low = bisect.bisect_left(at_rows, centre - REACH)
             high = bisect.bisect_right(at_rows, centre + REACH)
-            for at, k in ends[low:high]:
+            for at, k in reachable[low:high]:
                 chain = open_chains[k]
                 if chain[-1][0] == strip:  # taken by another run of this strip
                     continue
@@ -220,13 +229,13 @@ def _tracks(thin: np.ndarray, width: int, thickness: int) -> list[tuple[np.ndarr
             best.append((strip, centre, len(run)))
     tracks = []
     columns = np.arange(width)
+    # A rule crosses the picture (its ends may be too faint in the strip at a side, unless the
+    # picture has only a few strips), or leaves it through the top or bottom when the page is
+    # askew.
+    slack = 1 if count > 4 else 0
     for chain in chains:
         first, last = chain[0][0], chain[-1][0]
         span = last - first + 1
-        # A rule crosses the picture (its ends may be too faint in the strip at a side), or
-        # leaves it through the top or bottom when the page is askew.
-        # (The strip at a side may miss a faint end, unless the picture has only a few strips.)
-        slack = 1 if count > 4 else 0
         starts, ends = first <= slack, last >= count - 1 - slack
         if not (starts or ends) or span < MIN_SPAN * count or len(chain) < MIN_COVER * span:
             continue

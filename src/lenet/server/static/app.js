@@ -38,12 +38,13 @@ function drawStroke(context, points) {
   context.stroke();
 }
 
-// The strokes onto a canvas, its pixels ``scaleX`` and ``scaleY`` drawing units.
-function paint(context, canvas, scaleX, scaleY) {
+// The strokes onto a canvas, scaled from drawing units to its pixels.
+function paint(context) {
+  const canvas = context.canvas;
   // Transparent background, dark ink: what a drawing app exports.
   context.setTransform(1, 0, 0, 1, 0, 0);
   context.clearRect(0, 0, canvas.width, canvas.height);
-  context.setTransform(scaleX, 0, 0, scaleY, 0, 0);
+  context.setTransform(canvas.width / units.width, 0, 0, canvas.height / units.height, 0, 0);
   context.lineWidth = PEN_WIDTH;
   context.lineCap = "round";
   context.lineJoin = "round";
@@ -52,7 +53,7 @@ function paint(context, canvas, scaleX, scaleY) {
 }
 
 function redraw() {
-  paint(ctx, pad, pad.width / units.width, pad.height / units.height);
+  paint(ctx);
   drawCursor();
 }
 
@@ -222,7 +223,7 @@ function picture() {
   const out = document.createElement("canvas");
   out.width = units.width;
   out.height = units.height;
-  paint(out.getContext("2d"), out, 1, 1);
+  paint(out.getContext("2d"));
   return new Promise((resolve) => out.toBlob(resolve, "image/png"));
 }
 
