@@ -58,6 +58,27 @@ def paper(digit: np.ndarray, rng: np.random.Generator, fmt: str = "JPEG") -> byt
     return _encode(Image.fromarray(rgb), fmt, **({"quality": 85} if fmt == "JPEG" else {}))
 
 
+def shadow(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """Dark ink on paper photographed in poor light: the shadow of a hand or a phone over part
+    of the page, with a soft edge, and the light falling off towards the corners. Paper in the
+    shadow is as dark as 40-75% of the lit paper, so no single grey level separates ink from
+    paper over the whole picture."""
+    size = int(rng.integers(40, 200))
+    layer = _sheet(_stroke(digit, size, rng), rng, 4, (300, 400))
+    h, w = layer.shape
+    y, x = np.mgrid[:h, :w].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    across = (x - w / 2) * np.cos(angle) + (y - h / 2) * np.sin(angle)
+    edge = float(rng.uniform(-0.3, 0.3)) * min(h, w)
+    softness = float(rng.uniform(5, 40))
+    shade = float(rng.uniform(0.25, 0.6)) / (1.0 + np.exp(-(across - edge) / softness))
+    corners = float(rng.uniform(0, 0.25)) * (((x - w / 2) / w) ** 2 + ((y - h / 2) / h) ** 2) * 2
+    light = (1.0 - shade) * (1.0 - corners)
+    reflectance = rng.uniform(0.82, 0.95) * (1.0 - layer * rng.uniform(0.7, 0.9))
+    grey = reflectance * light + rng.normal(0, 0.015, (h, w))
+    return _encode(Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8)), "JPEG", quality=85)
+
+
 def canvas(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """A drawing app's PNG export: black strokes, transparent background."""
     side = int(rng.integers(200, 500))
