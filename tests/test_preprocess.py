@@ -355,6 +355,21 @@ def test_a_digit_cropped_to_its_edges_is_found(mnist, margin):
         assert similar(found.image, preprocess(encode(on_paper(digit))).image, 20), (index, margin)
 
 
+@pytest.mark.parametrize("edge", [0.25, 0.4])
+def test_a_page_mostly_in_shadow_is_read_as_dark_ink(digits, edge):
+    # With most of the page shaded, the typical pixel is shaded paper, and the lit paper is as
+    # far from it as the ink: the lit part was taken for light ink on a dark page.
+    images, _ = digits
+    for digit in images[:6]:
+        page = np.asarray(on_paper(digit).convert("L"), np.float32) / 255 * 0.9
+        width = page.shape[1]
+        lit = np.clip((np.arange(width) - (1 - edge) * width) / 8, 0, 1)  # a soft edge
+        shaded = page * (0.45 + 0.55 * lit)[None, :]
+        found = preprocess((shaded * 255).astype(np.uint8))
+        assert found is not None
+        assert similar(found.image, preprocess(encode(on_paper(digit))).image, 20)
+
+
 def test_a_stray_dot_does_not_shrink_the_digit(digits):
     digit = digits[0][9]
     page = np.asarray(on_paper(digit, 120, (300, 400), (40, 40)).convert("L")).copy()

@@ -76,7 +76,8 @@ def shadow(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     light = (1.0 - shade) * (1.0 - corners)
     reflectance = rng.uniform(0.82, 0.95) * (1.0 - layer * rng.uniform(0.7, 0.9))
     grey = reflectance * light + rng.normal(0, 0.015, (h, w))
-    return _encode(Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8)), "JPEG", quality=85)
+    photo = Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8))
+    return _encode(photo, "JPEG", quality=85)
 
 
 def canvas(digit: np.ndarray, rng: np.random.Generator) -> bytes:
@@ -179,6 +180,7 @@ STYLES = {
     "board": board,
     "scan": scan,
     "ruled": ruled,
+    "shadow": shadow,
 }
 
 
