@@ -36,6 +36,9 @@ def test_a_short_run_learns_and_writes_a_complete_run_folder(small_mnist, tmp_pa
                 "train_seconds", "samples_per_second", "torch_version", "command"):  # fmt: skip
         assert key in card
     assert card["command"].startswith("lenet train --model lenet-relu")
+    # The card travels with the weights: no folder of this machine in it.
+    assert str(tmp_path) not in json.dumps(card)
+    assert card["config"]["epochs"] == 1 and "out" not in card["config"]
     # The weights reproduce the card's test accuracy exactly.
     loaded = load_weights(result.weights)
     again = evaluate_model(

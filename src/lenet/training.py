@@ -60,6 +60,8 @@ from lenet.weights import RUN_WEIGHTS_NAME, save_weights
 WEIGHTS_NAME = RUN_WEIGHTS_NAME
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
+# TrainConfig fields that are places on the training machine, left out of model cards.
+MACHINE_PATHS = ("out", "data_dir")
 
 
 @dataclass
@@ -599,7 +601,9 @@ def train(
         "normalization": norm.to_dict(),
         "input": "28x28 grey, ink light on black, pixel/255 then (x - mean) / std",
         "classes": list(data.spec.classes),
-        "config": config.to_dict(),
+        # Without the run folder and the data folder: paths on the machine that trained it
+        # mean nothing where the card travels with the weights (or /v1/models shows it).
+        "config": {k: v for k, v in config.to_dict().items() if k not in MACHINE_PATHS},
         "epochs_trained": epochs_done,
         "train_images": n_train,  # 55,000 with the validation split held out, else 60,000
         "val_accuracy": history[-1]["val_accuracy"] if history else None,
