@@ -43,6 +43,9 @@ def main() -> None:
         "--lines", type=int, default=500, help="numbers, and touching pairs, to read"
     )
     parser.add_argument("--long-lines", type=int, default=100, help="lines of 12-30 digits")
+    parser.add_argument(
+        "--page-photos", type=int, default=100, help="small digits in 12-megapixel photos"
+    )
     args = parser.parse_args()
     data = load_dataset("mnist")
     images, labels = data.test.images[:, 0].numpy(), data.test.labels.numpy()
@@ -65,6 +68,17 @@ def main() -> None:
     unsure = sum(a.reason == "unsure" for a in answers)
     missing = sum(a.reason == "no digit found" for a in answers)
     print(f"| single digit, bold, cropped tightly | {correct:.1%} | {unsure} | {missing} |")
+
+    rng = np.random.default_rng(100)
+    chosen = rng.choice(len(images), args.page_photos, replace=False)
+    answers = [reader.predict(userstyle.page_photo(images[i], rng)) for i in chosen]
+    correct = np.mean([a.best_guess == labels[i] for a, i in zip(answers, chosen)])
+    unsure = sum(a.reason == "unsure" for a in answers)
+    missing = sum(a.reason == "no digit found" for a in answers)
+    print(
+        f"| single digit 60-160 px tall in a 12-megapixel photo ({args.page_photos}) "
+        f"| {correct:.1%} | {unsure} | {missing} |"
+    )
 
     rng = np.random.default_rng(100)
     exact = total = 0

@@ -370,6 +370,23 @@ def test_a_page_mostly_in_shadow_is_read_as_dark_ink(digits, edge):
         assert similar(found.image, preprocess(encode(on_paper(digit))).image, 20)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_small_digit_in_a_large_photo_is_looked_at_closer(digits, fmt):
+    # A 4000x3000 photo is analysed at 320x240, where a digit 100 pixels tall is 8: too few
+    # for its strokes' shapes. Found that small, it is looked at again with more pixels.
+    images, labels = digits
+    digit = images[3]
+    page = np.full((3000, 4000), 230, np.uint8)
+    ink = np.asarray(Image.fromarray(digit).resize((100, 100), Image.Resampling.BICUBIC))
+    page[1700:1800, 2900:3000] = 230 - (ink.astype(np.float32) * 200 / 255).astype(np.uint8)
+    found = preprocess(encode(Image.fromarray(page), fmt))
+    assert found is not None
+    assert similar(found.image, preprocess(encode(on_paper(digit))).image, 12)
+    rows, cols = np.nonzero(ink > 76)
+    true_box = (2900 + cols.min(), 1700 + rows.min(), 2901 + cols.max(), 1701 + rows.max())
+    assert np.abs(np.subtract(found.box, true_box)).max() <= 8, (found.box, true_box)
+
+
 def test_a_stray_dot_does_not_shrink_the_digit(digits):
     digit = digits[0][9]
     page = np.asarray(on_paper(digit, 120, (300, 400), (40, 40)).convert("L")).copy()

@@ -80,6 +80,21 @@ def shadow(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     return _encode(photo, "JPEG", quality=85)
 
 
+def page_photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A digit written small on a page photographed whole: a 12-megapixel phone photo (4000x3000
+    or 3000x4000), the digit 60 to 160 pixels tall anywhere on it, paper grain, JPEG. Not
+    among STYLES: each takes a second or so to build."""
+    size = int(rng.integers(60, 161))
+    height, width = (3000, 4000) if rng.random() < 0.5 else (4000, 3000)
+    layer = np.zeros((height, width), np.float32)
+    _place(layer, _stroke(digit, size, rng), rng)
+    grain = rng.normal(0, 0.02, (height // 4, width // 4)).astype(np.float32)
+    grey = rng.uniform(0.8, 0.95) - layer * rng.uniform(0.6, 0.8)
+    grey += np.kron(grain, np.ones((4, 4), np.float32))  # grain a few pixels wide, as a photo's
+    photo = Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8))
+    return _encode(photo, "JPEG", quality=90)
+
+
 def canvas(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """A drawing app's PNG export: black strokes, transparent background."""
     side = int(rng.integers(200, 500))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -49,6 +50,12 @@ WORK_MAX_SIDE = 320
 # before (within 2 of 500).
 WORK_MIN_SIDE = 128
 WORK_MAX_PIXELS = 4 * WORK_MAX_SIDE**2
+# Ink under this many pixels tall at the working size is looked at again, closer: a digit so
+# small has lost its strokes' shapes (MNIST's digits are 20 pixels tall). In a 4000x3000
+# photo, the working size leaves a 100-pixel digit 8 pixels tall.
+SMALL_INK = 24
+# How many times the working size's pixels that closer look decodes at most.
+CLOSER_LOOK = 4.0
 # Pixels around a stroke that still belong to it: its faint anti-aliased edges.
 STROKE_MARGIN = 3
 # A piece of ink smaller than this share of the picture is a speck: a digit at the smallest
@@ -259,25 +266,29 @@ def work_scale(width: int, height: int) -> float:
     return min(1.0, scale, (WORK_MAX_PIXELS / (width * height)) ** 0.5)
 
 
-def _whole_shrink(size: tuple[int, int]) -> int:
+def _whole_shrink(size: tuple[int, int], detail: float = 1.0) -> int:
     """The largest whole factor that keeps a picture of ``size`` at least at the working size
-    (the tolerance: a quotient that should be whole may land just under it in floats)."""
-    return int(1.0 / work_scale(*size) + 1e-9)
+    times ``detail`` (the tolerance: a quotient that should be whole may land just under it in
+    floats)."""
+    return max(1, int(1.0 / min(1.0, detail * work_scale(*size)) + 1e-9))
 
 
-def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray, float]:
+def _to_grey(
+    image: Image.Image, data: bytes | None = None, detail: float = 1.0
+) -> tuple[np.ndarray, float]:
     """Decode to a float32 (H, W) array in [0, 1], and its scale to the original.
 
     A large picture is shrunk while decoding (JPEG) or right after (others), in Pillow's own
-    integer formats, so memory stays small whatever the picture's size. ``data``: the file's
-    bytes, when at hand (a plain PNG is then decoded by libspng, see lenet.png).
+    integer formats, so memory stays small whatever the picture's size: to the working size,
+    times ``detail`` (a closer look, see find_ink). ``data``: the file's bytes, when at hand
+    (a plain PNG is then decoded by libspng, see lenet.png).
     """
     original = max(image.size)
     decoded = png.decode(data) if data is not None and image.format == "PNG" else None
     if decoded is not None:
         pixels, mode = decoded
         image.close()  # opened here, from bytes lenet holds: nothing else reads it
-        shrink = _whole_shrink(image.size)  # as below, by Pillow's reduce
+        shrink = _whole_shrink(image.size, detail)  # as below, by Pillow's reduce
         if shrink < 2:
             return _from_pixels(pixels, mode), 1.0
         small = Image.fromarray(pixels).reduce(shrink)
@@ -287,7 +298,7 @@ def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray,
     except (EOFError, AttributeError, ValueError):
         pass
     try:
-        factor = work_scale(*image.size)
+        factor = min(1.0, detail * work_scale(*image.size))
         if image.format in ("JPEG", "MPO") and factor < 1.0:
             # Grey straight from the decoder, unless CMYK, which needs its own conversion.
             mode = "L" if image.mode in ("L", "RGB", "YCbCr") else image.mode
@@ -296,7 +307,7 @@ def _to_grey(image: Image.Image, data: bytes | None = None) -> tuple[np.ndarray,
         # exif_transpose copies the whole picture even when it has nothing to turn.
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             image = ImageOps.exif_transpose(image)
-        shrink = _whole_shrink(image.size)
+        shrink = _whole_shrink(image.size, detail)
         if shrink >= 2 and image.mode in ("L", "LA", "RGB", "RGBA", "CMYK", "P"):
             image = (image.convert("RGBA") if image.mode == "P" else image).reduce(shrink)
     except Image.DecompressionBombError as exc:
@@ -401,6 +412,9 @@ class Picture:
 
     grey: np.ndarray  # float32 (H, W) in [0, 1]
     scale: float = 1.0  # array pixels per original pixel
+    # The same picture decoded again with more of its pixels (``detail`` times the working
+    # size at most), for a closer look at small ink; None when this one has them all.
+    finer: Callable[[float], Picture] | None = field(default=None, compare=False, repr=False)
 
 
 def load_picture(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
@@ -408,8 +422,16 @@ def load_picture(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> P
     if isinstance(source, np.ndarray):
         if source.size > max_pixels * (4 if source.ndim == 3 else 1):
             raise ImageTooLarge(f"The image array has {source.size:,} values, over the limit.")
-        return Picture(_from_array(source))
-    return Picture(*_to_grey(*_open(source, max_pixels)))
+        return Picture(_from_array(source))  # every pixel already: nothing finer to decode
+    image, data = _open(source, max_pixels)
+    # A file object can be read once: it is decoded again from the bytes read here.
+    again = source if data is None else data
+
+    def finer(detail: float) -> Picture:
+        return Picture(*_to_grey(*_open(again, max_pixels), detail=detail))
+
+    grey, scale = _to_grey(image, data)
+    return Picture(grey, scale, finer if scale < 1.0 else None)
 
 
 @dataclass(frozen=True)
@@ -420,8 +442,9 @@ class InkMap:
     mask: np.ndarray  # bool (h, w): the pixels that are surely ink
     scale: float  # working pixels per original pixel
     # (row, column) of ink[0, 0] in the whole picture at the working scale: the maps hold
-    # only the strokes' bounding box and a margin around it.
-    origin: tuple[int, int] = (0, 0)
+    # only the strokes' bounding box and a margin around it. (Not whole after a closer look
+    # at a window of a picture shrunk by other than a whole factor.)
+    origin: tuple[float, float] = (0, 0)
 
 
 def _mean3_extremes(grey: np.ndarray) -> tuple[float, float]:
@@ -474,8 +497,41 @@ def _polarity_against_local_paper(grey: np.ndarray) -> bool | None:
 def find_ink(picture: Picture) -> InkMap | None:
     """Separate ink from background, whatever the polarity, lighting or paper noise.
 
-    Returns None when there is no ink: a blank, uniform or pure-noise picture.
+    Returns None when there is no ink: a blank, uniform or pure-noise picture. Ink found
+    small in a large picture (a digit written small on a page photographed whole) is looked
+    at again closer: the picture decoded with up to CLOSER_LOOK times the pixels, and the ink
+    searched for there, in a window around where it was found.
     """
+    found = _find_ink(picture)
+    if found is None or picture.finer is None:
+        return found
+    y0, y1, x0, x1 = bounds(found.mask)
+    tall = y1 - y0
+    if tall >= SMALL_INK or found.scale > 0.5:
+        return found  # tall enough, or the original has under twice the pixels to give
+    closer = picture.finer(CLOSER_LOOK)
+    zoom = closer.scale / found.scale  # closer pixels per working pixel
+    if zoom < 2.0:
+        return found  # no more pixels to be had
+    # The ink's box in the closer picture's pixels, widened by its own size on every side.
+    (top, left), reach = found.origin, max(tall, x1 - x0)
+    rows, cols = closer.grey.shape
+    r0 = max(0, int((top + y0 - reach) * zoom))
+    r1 = min(rows, int(np.ceil((top + y1 + reach) * zoom)))
+    c0 = max(0, int((left + x0 - reach) * zoom))
+    c1 = min(cols, int(np.ceil((left + x1 + reach) * zoom)))
+    near = _find_ink(Picture(closer.grey[r0:r1, c0:c1], closer.scale))
+    if near is None:
+        return found
+    # Its maps' corner in the whole picture at the scale it was found at.
+    at = near.scale / closer.scale
+    return InkMap(
+        near.ink, near.mask, near.scale, (near.origin[0] + r0 * at, near.origin[1] + c0 * at)
+    )
+
+
+def _find_ink(picture: Picture) -> InkMap | None:
+    """find_ink at the working scale."""
     grey = picture.grey
     height, width = grey.shape
     scale = work_scale(width, height)
