@@ -422,7 +422,9 @@ def load_picture(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> P
     if isinstance(source, np.ndarray):
         if source.size > max_pixels * (4 if source.ndim == 3 else 1):
             raise ImageTooLarge(f"The image array has {source.size:,} values, over the limit.")
-        return Picture(_from_array(source))  # every pixel already: nothing finer to decode
+        grey = _from_array(source)
+        # Every pixel is here already: a closer look only has to cut its window from them.
+        return Picture(grey, 1.0, lambda detail: Picture(grey))
     image, data = _open(source, max_pixels)
     # A file object can be read once: it is decoded again from the bytes read here.
     again = source if data is None else data
