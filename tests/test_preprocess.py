@@ -370,7 +370,7 @@ def test_a_page_mostly_in_shadow_is_read_as_dark_ink(digits, edge):
         assert similar(found.image, preprocess(encode(on_paper(digit))).image, 20)
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "array"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "array", "PIL JPEG"])
 def test_a_small_digit_in_a_large_photo_is_looked_at_closer(digits, fmt):
     # A 4000x3000 photo is analysed at 320x240, where a digit 100 pixels tall is 8: too few
     # for its strokes' shapes. Found that small, it is looked at again with more pixels.
@@ -379,7 +379,16 @@ def test_a_small_digit_in_a_large_photo_is_looked_at_closer(digits, fmt):
     page = np.full((3000, 4000), 230, np.uint8)
     ink = np.asarray(Image.fromarray(digit).resize((100, 100), Image.Resampling.BICUBIC))
     page[1700:1800, 2900:3000] = 230 - (ink.astype(np.float32) * 200 / 255).astype(np.uint8)
-    found = preprocess(page if fmt == "array" else encode(Image.fromarray(page), fmt))
+    if fmt == "array":
+        found = preprocess(page)
+    elif fmt == "PIL JPEG":
+        # Opened lazily by the caller: JPEG's draft mode shrinks it in place while decoding,
+        # so it cannot be decoded again with more pixels (this raised ZeroDivisionError).
+        found = preprocess(Image.open(io.BytesIO(encode(Image.fromarray(page), "JPEG"))))
+        assert found is not None and found.box[0] >= 2800
+        return
+    else:
+        found = preprocess(encode(Image.fromarray(page), fmt))
     assert found is not None
     assert similar(found.image, preprocess(encode(on_paper(digit))).image, 12)
     rows, cols = np.nonzero(ink > 76)

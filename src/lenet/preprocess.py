@@ -426,6 +426,7 @@ def load_picture(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> P
         # Every pixel is here already: a closer look only has to cut its window from them.
         return Picture(grey, 1.0, lambda detail: Picture(grey))
     image, data = _open(source, max_pixels)
+    size = image.size
     # A file object can be read once: it is decoded again from the bytes read here.
     again = source if data is None else data
 
@@ -433,7 +434,11 @@ def load_picture(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> P
         return Picture(*_to_grey(*_open(again, max_pixels), detail=detail))
 
     grey, scale = _to_grey(image, data)
-    return Picture(grey, scale, finer if scale < 1.0 else None)
+    if scale == 1.0 or (again is image and image.size != size):
+        # All its pixels are here; or a PIL image of a JPEG the caller opened, which the
+        # decoder's draft mode has shrunk in place: it cannot give more pixels again.
+        return Picture(grey, scale)
+    return Picture(grey, scale, finer)
 
 
 @dataclass(frozen=True)
