@@ -396,6 +396,38 @@ def test_a_small_digit_in_a_large_photo_is_looked_at_closer(digits, fmt):
     assert np.abs(np.subtract(found.box, true_box)).max() <= 8, (found.box, true_box)
 
 
+@pytest.mark.parametrize(
+    "index, size, at, angle, edge, depth, softness",
+    [
+        (5409, 225, (472, 1176), 6.063, -432.2, 0.427, 12.25),  # a 4
+        (8647, 203, (754, 376), 3.766, -441.3, 0.57, 3.29),  # a 6
+        (3022, 220, (1014, 690), 3.805, -280.8, 0.529, 7.77),  # a 5
+    ],
+)
+def test_a_hard_shadow_edge_across_a_large_photo_is_not_ink(
+    mnist, index, size, at, angle, edge, depth, softness
+):
+    # Shrunk to the working size, a shadow's edge is a step. The mean that smoothed the
+    # background estimate made a ramp of it, and the shaded side of the ramp a long stroke,
+    # read as a 1 (these three were).
+    digit = mnist.test.images[index, 0].numpy()
+    height, width = 1500, 2000
+    layer = np.zeros((height, width), np.float32)
+    ink = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC))
+    layer[at[0] : at[0] + size, at[1] : at[1] + size] = ink.astype(np.float32) / 255
+    y, x = np.mgrid[:height, :width].astype(np.float32)
+    across = (x - width / 2) * np.cos(angle) + (y - height / 2) * np.sin(angle)
+    shade = depth / (1 + np.exp(np.clip(-(across - edge) / softness, -50, 50)))
+    grey = 0.88 * (1 - 0.8 * layer) * (1 - shade)
+    grey += np.random.default_rng(index).normal(0, 0.015, grey.shape)
+    photo = encode(Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8)), "JPEG")
+    found = preprocess(photo)
+    assert found is not None
+    assert similar(found.image, preprocess(encode(on_paper(digit))).image, 20)
+    x0, y0, x1, y1 = found.box
+    assert at[1] - 20 <= x0 and x1 <= at[1] + size + 20, found.box  # the digit, not the edge
+
+
 def test_a_stray_dot_does_not_shrink_the_digit(digits):
     digit = digits[0][9]
     page = np.asarray(on_paper(digit, 120, (300, 400), (40, 40)).convert("L")).copy()
