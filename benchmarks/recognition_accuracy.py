@@ -52,32 +52,24 @@ def main() -> None:
     reader = Recognizer.load(args.weights)
     print(f"model: {reader.name}; pictures from MNIST test digits, seed 100\n")
     print("| pictures | correct | unsure | no digit found |\n|---|---|---|---|")
-    for style in sorted(userstyle.STYLES):
+
+    def single_digits(name: str, make, count: int) -> None:
+        """A row of single digits: ``count`` MNIST test digits through ``make``, seed 100."""
         rng = np.random.default_rng(100)
-        chosen = rng.choice(len(images), args.per_style, replace=False)
-        answers = reader.predict_batch([userstyle.STYLES[style](images[i], rng) for i in chosen])
+        chosen = rng.choice(len(images), count, replace=False)
+        answers = reader.predict_batch([make(images[i], rng) for i in chosen])
         correct = np.mean([a.best_guess == labels[i] for a, i in zip(answers, chosen)])
         unsure = sum(a.reason == "unsure" for a in answers)
         missing = sum(a.reason == "no digit found" for a in answers)
-        print(f"| single digit, {style} | {correct:.1%} | {unsure} | {missing} |")
+        print(f"| {name} | {correct:.1%} | {unsure} | {missing} |")
 
-    rng = np.random.default_rng(100)
-    chosen = rng.choice(len(images), args.per_style, replace=False)
-    answers = reader.predict_batch([userstyle.tight(images[i], rng) for i in chosen])
-    correct = np.mean([a.best_guess == labels[i] for a, i in zip(answers, chosen)])
-    unsure = sum(a.reason == "unsure" for a in answers)
-    missing = sum(a.reason == "no digit found" for a in answers)
-    print(f"| single digit, bold, cropped tightly | {correct:.1%} | {unsure} | {missing} |")
-
-    rng = np.random.default_rng(100)
-    chosen = rng.choice(len(images), args.page_photos, replace=False)
-    answers = [reader.predict(userstyle.page_photo(images[i], rng)) for i in chosen]
-    correct = np.mean([a.best_guess == labels[i] for a, i in zip(answers, chosen)])
-    unsure = sum(a.reason == "unsure" for a in answers)
-    missing = sum(a.reason == "no digit found" for a in answers)
-    print(
-        f"| single digit 60-160 px tall in a 12-megapixel photo ({args.page_photos}) "
-        f"| {correct:.1%} | {unsure} | {missing} |"
+    for style in sorted(userstyle.STYLES):
+        single_digits(f"single digit, {style}", userstyle.STYLES[style], args.per_style)
+    single_digits("single digit, bold, cropped tightly", userstyle.tight, args.per_style)
+    single_digits(
+        f"single digit 60-160 px tall in a 12-megapixel photo ({args.page_photos})",
+        userstyle.page_photo,
+        args.page_photos,
     )
 
     rng = np.random.default_rng(100)
