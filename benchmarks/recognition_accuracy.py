@@ -1,14 +1,15 @@
 """How well the bundled model reads pictures like users send: the figures in the README.
 
     python benchmarks/recognition_accuracy.py [--weights NAME|FILE] [--per-style 500] [--lines 500]
-        [--long-lines 100]
+        [--long-lines 100] [--page-photos 100]
 
 Pictures are built from MNIST *test* digits by tests/userstyle.py (the same generator the
 tests use, with other seeds): paper photos as JPEG and PNG, canvas exports with transparency,
 light chalk on a dark board, paper scans with a dark edge along one to three sides, digits in pen
-on ruled or squared paper photographed a little askew; lines of
-2 to 6 digits and of 12 to 30; pairs of touching digits; digits typed in fonts; and pictures
-with no digit at all.
+on ruled or squared paper photographed a little askew, pages in poor light, digits written in a
+form's boxes, bold digits cropped tightly, small digits in 12-megapixel photos; lines of 2 to 6
+digits and of 12 to 30; pairs of touching digits; numbers written one digit to a box; digits
+typed in fonts; and pictures with no digit at all.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def main() -> None:
         reading = reader.read(userstyle.number_line([images[i] for i in chosen], rng))
         exact += reading.text == "".join(str(labels[i]) for i in chosen)
         total += 1
-    print(f"| numbers of 2-6 digits on paper, read exactly | {exact / total:.1%} | | |")
+    if args.lines:
+        print(f"| numbers of 2-6 digits on paper, read exactly | {exact / total:.1%} | | |")
     exact = split = 0
     for _ in range(args.lines):
         chosen = rng.choice(len(images), 2)
@@ -88,10 +90,11 @@ def main() -> None:
         exact += "".join(str(d.best_guess) for d in reading.digits) == "".join(
             str(labels[i]) for i in chosen
         )
-    print(
-        f"| pairs of touching digits, read exactly (split in two: {split / args.lines:.1%}) "
-        f"| {exact / args.lines:.1%} | | |"
-    )
+    if args.lines:
+        print(
+            f"| pairs of touching digits, read exactly (split in two: {split / args.lines:.1%}) "
+            f"| {exact / args.lines:.1%} | | |"
+        )
     exact = counted = right = total = 0
     for _ in range(args.long_lines):
         chosen = rng.choice(len(images), int(rng.integers(12, 31)))
@@ -106,6 +109,16 @@ def main() -> None:
             f"| lines of 12 to 30 digits, read exactly ({args.long_lines} lines; all digits "
             f"found in {counted / args.long_lines:.0%}, and {right / max(total, 1):.1%} of "
             f"their digits right) | {exact / args.long_lines:.1%} | | |"
+        )
+    rng = np.random.default_rng(100)
+    exact = 0
+    for _ in range(args.lines):
+        chosen = rng.choice(len(images), int(rng.integers(2, 7)))
+        reading = reader.read(userstyle.boxed_number([images[i] for i in chosen], rng))
+        exact += reading.text == "".join(str(labels[i]) for i in chosen)
+    if args.lines:
+        print(
+            f"| numbers of 2-6 digits, one to a box, read exactly | {exact / args.lines:.1%} | | |"
         )
 
     correct = total = 0

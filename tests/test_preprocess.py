@@ -1,6 +1,7 @@
 """Preprocessing: any picture of a digit becomes an MNIST-style 28x28, the same way."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from lenet.boxes import without_boxes
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
 from lenet.preprocess import WORK_MAX_SIDE, WORK_MIN_SIDE, preprocess, work_scale
 from lenet.ruled import without_rules
@@ -275,6 +277,80 @@ def test_the_lines_of_ruled_and_squared_paper_are_not_ink(digits):
     # Lines alone are no digit.
     blank = ruled_page(np.full((240, 320), 250, np.uint8), range(10, 240, 45), range(20, 320, 45))
     assert preprocess(blank) is None
+
+
+def boxed_page(page: np.ndarray, box: tuple[int, int, int, int], grey=40, width=2, angle=0.0):
+    """``page`` (grey, dark ink on white) with a box (x0, y0, x1, y1) drawn around the ink,
+    then the whole page turned by ``angle`` degrees."""
+    picture = Image.fromarray(page)
+    ImageDraw.Draw(picture).rectangle(box, outline=grey, width=width)
+    return np.asarray(picture.rotate(angle, Image.Resampling.BILINEAR, fillcolor=255))
+
+
+def test_the_box_around_a_digit_is_not_ink(digits):
+    # A digit written in a form's box: the box was the largest piece of ink (read as a 0), or
+    # one piece with a digit touching it.
+    images, labels = digits
+    for index in (0, 1, 3, 8, 11):
+        page = np.asarray(on_paper(images[index], 100, (240, 320), (70, 110)).convert("L"))
+        clean = preprocess(page.copy())
+        x0, y0, x1, y1 = clean.box
+        cases = {
+            "clear": boxed_page(page, (x0 - 25, y0 - 20, x1 + 25, y1 + 20)),
+            "grey, thin": boxed_page(page, (x0 - 15, y0 - 15, x1 + 15, y1 + 15), 150, 1),
+            # The digit's ink runs into the box's sides (and past them).
+            "touching": boxed_page(page, (x0 + 3, y0 + 3, x1 - 3, y1 - 3)),
+        }
+        for name, picture in cases.items():
+            found = preprocess(picture)
+            assert found is not None, (index, name)
+            assert similar(found.image, clean.image, 15 if name != "touching" else 25), (
+                index,
+                name,
+            )
+            assert np.abs(np.subtract(found.box, clean.box)).max() <= 4, (index, name)
+        # A page photographed askew: the digit is elsewhere, but read the same.
+        askew = boxed_page(page, (x0 - 20, y0 - 20, x1 + 20, y1 + 20), angle=3)
+        found = preprocess(askew)
+        assert similar(found.image, clean.image, 15), index
+        assert found.box[2] - found.box[0] < x1 - x0 + 12, index
+    # A box alone is no digit; a row of boxes neither.
+    blank = np.full((240, 320), 250, np.uint8)
+    assert preprocess(boxed_page(blank, (100, 60, 200, 170))) is None
+    row = Image.fromarray(blank)
+    for k in range(4):
+        ImageDraw.Draw(row).rectangle((40 + 60 * k, 80, 100 + 60 * k, 150), outline=30, width=2)
+    assert preprocess(np.asarray(row)) is None
+
+
+def test_digits_are_not_taken_for_boxes(digits):
+    # No MNIST digit has four straight sides: cropped tightly (its strokes along the crop's
+    # edges, as a box's are), each is left whole.
+    images, labels = digits
+    for digit in range(10):
+        image = images[int(np.flatnonzero(labels == digit)[0])]
+        big = np.asarray(Image.fromarray(image).resize((112, 112), Image.Resampling.BILINEAR))
+        mask = big > 100
+        rows, cols = np.nonzero(mask)
+        tight = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert without_boxes(tight, tight.astype(np.float32), 0.5)[0] is tight, digit
+    # A 0 written square on the drawing page (its pen is 20 units of 280): four straight
+    # sides and nothing inside, but drawn as boldly as a digit, not printed as a form's box.
+    for width, height in ((100, 150), (180, 240), (250, 260)):
+        canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+        x0, y0 = (280 - width) // 2, (280 - height) // 2
+        ImageDraw.Draw(canvas).rounded_rectangle(
+            (x0, y0, x0 + width, y0 + height), radius=10, outline=(0, 0, 0, 255), width=20
+        )
+        found = preprocess(encode(canvas))
+        assert found is not None and found.box[2] - found.box[0] > width - 10, (width, height)
+    # Typed zeros, round or nearly square, in every font at hand.
+    for name, path in userstyle.FONTS.items():
+        if path is not None and not os.path.isfile(path):
+            continue
+        typed = np.asarray(Image.open(io.BytesIO(userstyle.typed(0, 96, path))).convert("L"))
+        mask = typed < 128
+        assert without_boxes(mask, mask.astype(np.float32), 0.5)[0] is mask, name
 
 
 def test_strokes_that_span_the_picture_are_not_taken_for_lines(digits):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -40,9 +41,10 @@ def test_bundled_models_and_the_default(recognizer):
 
 def test_user_style_pictures_of_mnist_test_digits(recognizer, test_digits):
     images, labels = test_digits
-    rng = np.random.default_rng(2026)
     scores = {}
     for style in sorted(userstyle.STYLES):
+        # Each style its own pictures: a new style leaves the others' as they were.
+        rng = np.random.default_rng([2026, zlib.crc32(style.encode())])
         chosen = rng.choice(len(images), 150, replace=False)
         pictures = [userstyle.STYLES[style](images[i], rng) for i in chosen]
         answers = recognizer.predict_batch(pictures)
@@ -62,6 +64,19 @@ def test_numbers_of_two_to_six_digits_are_read_exactly(recognizer, test_digits):
         boxes = [d.box for d in reading.digits]
         assert boxes == sorted(boxes), "digits come left to right"
     assert exact / total >= 0.95
+
+
+def test_numbers_written_one_digit_to_a_box_are_read(recognizer, test_digits):
+    # A form's row of boxes: the walls between them were read as 1s and the boxes as 0s
+    # (measured on benchmarks/recognition_accuracy.py's pictures: 25% read exactly).
+    images, labels = test_digits
+    rng = np.random.default_rng(8)
+    exact, total = 0, 40
+    for _ in range(total):
+        chosen = rng.choice(len(images), int(rng.integers(2, 7)))
+        reading = recognizer.read(userstyle.boxed_number([images[i] for i in chosen], rng))
+        exact += reading.text == "".join(str(labels[i]) for i in chosen)
+    assert exact / total >= 0.8
 
 
 def test_a_long_line_of_digits_is_read(recognizer, test_digits):

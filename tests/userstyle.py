@@ -188,6 +188,59 @@ def ruled(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     return _encode(img, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
 
 
+def _cells(shape: tuple[int, int], centres: list[tuple[float, float]], size: tuple[float, float],
+           thickness: float, angle: float) -> np.ndarray:  # fmt: skip
+    """Anti-aliased outlines (coverage 0..1) of boxes ``size`` (height, width) around each of
+    ``centres`` (y, x), turned by ``angle`` radians; boxes that share a side draw it once."""
+    y, x = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    out = np.zeros(shape, np.float32)
+    for cy, cx in centres:
+        u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
+        v = (y - cy) * np.cos(angle) - (x - cx) * np.sin(angle)
+        distance = np.abs(np.maximum(np.abs(u) - size[1] / 2, np.abs(v) - size[0] / 2))
+        out = np.maximum(out, np.clip(thickness / 2 + 0.5 - distance, 0, 1))
+    return out
+
+
+def boxed_number(digits: list[np.ndarray], rng: np.random.Generator) -> bytes:
+    """Digits written one to a box, as on a form: a row of boxes sharing their walls or set
+    apart, printed in black, grey or a light colour, 1 to 4 pixels thick, the page up to 3
+    degrees askew; each digit in the middle of its box, some touching its sides. JPEG."""
+    size = int(rng.integers(40, 160))
+    cell = (size * rng.uniform(0.75, 1.4), size * rng.uniform(0.7, 1.3))  # (height, width)
+    step = cell[1] * (1.0 if rng.random() < 0.5 else rng.uniform(1.05, 1.3))
+    angle = float(np.radians(rng.uniform(-3, 3)))
+    margin = int(0.4 * size + rng.integers(5, 60))  # the digit, turned and spilling, fits
+    h = int(cell[0] + 2 * margin + 0.06 * step * len(digits))
+    w = int(step * (len(digits) - 1) + cell[1] + 2 * margin)
+    centres = [
+        (h / 2 + (k - (len(digits) - 1) / 2) * step * np.sin(angle),
+         w / 2 + (k - (len(digits) - 1) / 2) * step * np.cos(angle))
+        for k in range(len(digits))
+    ]  # fmt: skip
+    layer = np.zeros((h, w), np.float32)
+    for digit, (cy, cx) in zip(digits, centres):
+        ink = _stroke(digit, size, rng)
+        top, left = int(cy - ink.shape[0] / 2), int(cx - ink.shape[1] / 2)
+        region = layer[top : top + ink.shape[0], left : left + ink.shape[1]]
+        np.maximum(region, ink, out=region)
+    lines = _cells((h, w), centres, cell, float(rng.uniform(1, max(2, size / 30))), angle)
+    print_rgb = rng.choice(
+        [[0.1, 0.1, 0.1], [0.45, 0.45, 0.45], [0.45, 0.65, 0.9], [0.9, 0.45, 0.4]]
+    )
+    paper_rgb = rng.uniform(0.82, 0.97) * np.ones(3)
+    rgb = paper_rgb + rng.normal(0, 0.02, (h, w, 1))
+    rgb = rgb * (1 - lines[..., None]) + print_rgb * lines[..., None]
+    ink = layer[..., None] * rng.uniform(0.7, 0.95)
+    rgb = rgb * (1 - ink) + rng.choice([[0.05, 0.05, 0.05], [0.1, 0.12, 0.45]]) * ink
+    return _encode(Image.fromarray(np.clip(rgb * 255, 0, 255).astype(np.uint8)), "JPEG", quality=85)
+
+
+def boxed(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A digit written in a box on a form (see ``boxed_number``)."""
+    return boxed_number([digit], rng)
+
+
 STYLES = {
     "paper-jpeg": lambda d, r: paper(d, r, "JPEG"),
     "paper-png": lambda d, r: paper(d, r, "PNG"),
@@ -196,6 +249,7 @@ STYLES = {
     "scan": scan,
     "ruled": ruled,
     "shadow": shadow,
+    "boxed": boxed,
 }
 
 

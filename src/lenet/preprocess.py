@@ -23,6 +23,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from lenet import png
+from lenet.boxes import without_boxes
 from lenet.errors import ImageError, ImageTooLarge, UnsupportedImageFormat
 from lenet.ruled import without_rules
 from lenet.segment import bounds, group_strokes, grow
@@ -69,6 +70,8 @@ STROKE_DEPTH = 0.3
 # judged against the local paper instead (see find_ink). Pictures of paper, boards, scans,
 # ruled paper and canvases measure 0.22 at most; pages half in shadow up to 0.99.
 DOUBTFUL_POLARITY = 0.4
+# Pieces of ink this many times the typical piece's size are strokes among specks.
+STROKES_OVER_SPECKS = 20
 # Under uneven light, ink covering less than this share of the picture (more than half-way
 # from the typical pixel to the strongest ink) is sparse: the background estimate then keeps
 # a shadow's edges (see _find_ink). Tight crops of bold digits cover 35-50%.
@@ -626,7 +629,12 @@ def _find_ink(picture: Picture) -> InkMap | None:
     threshold = max(floor, 0.35 * peak)
     mask = x > threshold
     # Ruled or squared paper: its printed lines out, so that a digit on them is alone.
+    lined = mask
     mask, x = without_rules(mask, x)
+    if mask is lined:
+        # A box around a digit (a form's field): its sides out, so that the digit is alone.
+        # (Not on ruled paper: what faint ink is left of its lines makes boxes of squares.)
+        mask, x = without_boxes(mask, x, max(floor, 0.5 * threshold))
     if not mask.any():
         return None
     # Components are labelled only inside the box that holds every candidate pixel: on a clean
@@ -638,12 +646,15 @@ def _find_ink(picture: Picture) -> InkMap | None:
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0  # the background
     # Pure noise passes the thresholds in many scattered pieces; strokes are few and large.
-    # (A line of 30 digits has many pieces too, but each is a digit, not a speck.)
+    # (A line of 30 digits has many pieces too, but each is a digit, not a speck; and digits
+    # among many specks, such as what is left of faint printed boxes around them, are most
+    # of the ink in pieces far larger than the typical one.)
     pieces = sizes[1:]
     if (
         count > 20
         and pieces.max() < 0.3 * pieces.sum()
         and median(pieces) < NOISE_SPECK * height * width
+        and pieces[pieces >= STROKES_OVER_SPECKS * median(pieces)].sum() < 0.75 * pieces.sum()
     ):
         return None
     # Ink touching the picture's edge is a desk, a frame or a shadow when there is ink
