@@ -336,14 +336,26 @@ def test_digits_are_not_taken_for_boxes(digits):
         assert without_boxes(tight, tight.astype(np.float32), 0.5)[0] is tight, digit
     # A 0 written square on the drawing page (its pen is 20 units of 280): four straight
     # sides and nothing inside, but drawn as boldly as a digit, not printed as a form's box.
-    for width, height in ((100, 150), (180, 240), (250, 260)):
+    # Slashed, the slash is no digit in a box either: box and slash are drawn alike.
+    for width, height, slashed in ((100, 150, False), (180, 240, False), (250, 260, True)):
         canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
         x0, y0 = (280 - width) // 2, (280 - height) // 2
-        ImageDraw.Draw(canvas).rounded_rectangle(
+        draw = ImageDraw.Draw(canvas)
+        draw.rounded_rectangle(
             (x0, y0, x0 + width, y0 + height), radius=10, outline=(0, 0, 0, 255), width=20
         )
+        if slashed:
+            draw.line((x0 + 40, y0 + height - 40, x0 + width - 40, y0 + 40), "black", 20)
         found = preprocess(encode(canvas))
         assert found is not None and found.box[2] - found.box[0] > width - 10, (width, height)
+    # A 1 written in its box from the top side to the bottom one: straight and thin, as the
+    # wall between two boxes is, but with no field either side of it holding a digit.
+    page = Image.new("L", (240, 200), 235)
+    draw = ImageDraw.Draw(page)
+    draw.rectangle((80, 40, 160, 160), outline=30, width=2)
+    draw.line((121, 42, 119, 158), fill=20, width=3)
+    found = preprocess(np.asarray(page))
+    assert found is not None and found.box[2] - found.box[0] < 12, found
     # Typed zeros, round or nearly square, in every font at hand.
     for name, path in userstyle.FONTS.items():
         if path is not None and not os.path.isfile(path):

@@ -24,11 +24,11 @@ import numpy as np
 from scipy import ndimage
 
 from lenet.segment import ALL_NEIGHBOURS, bounds, grow
-from lenet.stats import median
+from lenet.stats import median, quantiles
 
 # A box at least this many pixels a side (at the working scale, up to 320 pixels a side):
 # smaller, its sides are too short to be told from a digit's strokes.
-MIN_SIDE = 12
+MIN_SIDE = 20
 # A side lies along a straight line: this share of its length within STRAIGHT_PX of it (the
 # rest is where strokes cross it, or its rounded corners).
 MIN_STRAIGHT = 0.85
@@ -47,6 +47,9 @@ PRINTED_LINE = 0.06
 # A wall between two fields runs from one side to the opposite one: ink within a pixel of a
 # straight line along this share of the way.
 WALL_COVER = 0.9
+# ... and the fields either side of it are at least this share of the box's height wide (a
+# digit's stroke that spans its box, a 7's bar or a 2's base, leaves a narrow one).
+WALL_FIELD = 0.3
 
 
 class Side(NamedTuple):
@@ -119,8 +122,8 @@ def _may_be_box(piece: np.ndarray) -> bool:
     each side, the ink's edge is near the bounding box for at least half of its length. Most
     digits fail it on the first or second side, for a fraction of ``_box_lines``' time."""
     for view in views_of(piece).values():
-        near = 2 + MAX_SLOPE * view.shape[1]
-        if np.count_nonzero(np.argmax(view, axis=0) <= near) < 0.5 * view.shape[1]:
+        near = 1 + MAX_SLOPE * view.shape[1]
+        if np.count_nonzero(np.argmax(view, axis=0) <= near) < 0.6 * view.shape[1]:
             return False
     return True
 
@@ -164,17 +167,18 @@ def _box_lines(region: np.ndarray, surely: np.ndarray) -> np.ndarray | None:
     bands = np.zeros_like(region)
     for name, side in sides.items():
         _band(views_of(bands)[name], side.offset, side.thickness)
-    walls = _walls(region, bands, sides) | _walls(region.T, bands.T, _turned(sides)).T
+    walls = _walls(region, bands, sides, surely)
+    walls |= _walls(region.T, bands.T, _turned(sides), surely.T).T
     bands |= walls
     # A box drawn as boldly as the strokes inside it, or empty and bold, is itself a digit:
-    # a 0 written square (on the drawing page, with its thick pen). A form's box is printed
-    # or ruled, thinner than the handwriting in it.
+    # a 0 written square (on the drawing page, with its thick pen; slashed, or not). A form's
+    # box is printed or ruled, thinner than the handwriting in it.
     thickness = max(side.thickness for side in sides.values())
     inside = surely[middle] & ~bands[middle]
     if inside.sum() < max(6.0, MIN_INSIDE * inside.size):
         if thickness > PRINTED_LINE * min(height, width):
             return None
-    elif thickness > _stroke_width(inside) + 1.5:
+    elif thickness > _stroke_width(inside) + 1.0:
         return None
     # Where a stroke touches a side from inside (or crosses it), the band's pixels in that
     # column are the stroke's end as much as the side's: they stay.
@@ -186,15 +190,11 @@ def _box_lines(region: np.ndarray, surely: np.ndarray) -> np.ndarray | None:
 
 
 def _stroke_width(ink: np.ndarray) -> float:
-    """The typical width of the strokes in ``ink`` (bool): the shorter of the median runs of
-    ink along rows and along columns (across a stroke, one of the two is its width)."""
-    widths = []
-    for lines in (ink, ink.T):
-        flat = np.pad(lines, ((0, 0), (1, 1))).astype(np.int8)
-        edges = np.diff(flat, axis=1)
-        runs = np.flatnonzero(edges.ravel() == -1) - np.flatnonzero(edges.ravel() == 1)
-        widths.append(median(runs.astype(np.float32)))
-    return min(widths)
+    """The typical width of the strokes in ``ink`` (bool): twice the distance from the paper
+    that 90% of the ink is within (a stroke's middle is half its width from either edge, in
+    any direction it runs)."""
+    (deep,) = quantiles(ndimage.distance_transform_edt(np.pad(ink, 1))[1:-1, 1:-1][ink], (0.9,))
+    return 2.0 * deep
 
 
 def views_of(array: np.ndarray) -> dict[str, np.ndarray]:
@@ -277,10 +277,13 @@ def _touched(strokes: np.ndarray, shared: np.ndarray, offset: np.ndarray, thickn
     shared |= near[None, :] & (rows >= np.floor(offset) - 1) & (rows <= bottom)
 
 
-def _walls(region: np.ndarray, bands: np.ndarray, sides: dict) -> np.ndarray:
+def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarray) -> np.ndarray:
     """The walls of ``region``'s box that run from its top side to its bottom side (between
     the fields of a row of boxes): straight lines of ink, no thicker than the box's left and
-    right sides, along WALL_COVER of the way between the two sides."""
+    right sides, along WALL_COVER of the way between the two sides, that leave fields at least
+    WALL_FIELD of the box's height wide on either side, one of them with ink (``surely``) in
+    it. A stroke that fills its box from side to side (a 1, a 7's bar, a 2's base) leaves a
+    narrow field, or two empty ones, and stays."""
     height, width = region.shape
     walls = np.zeros_like(region)
     top, bottom = sides["top"], sides["bottom"]
@@ -291,57 +294,108 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict) -> np.ndarray:
     thickness = max(sides["left"].thickness, sides["right"].thickness)
     strokes = region & ~bands
     inner = strokes[y0:y1]
-    # Where a wall meets the top and the bottom side: ink just inside each of them.
-    starts = np.flatnonzero(inner[0])
-    ends = np.flatnonzero(inner[-1])
-    if not len(starts) or not len(ends):
+    left_end, right_end = _run_bounds(inner)
+    # Where a wall meets the top and the bottom side: ink just inside each of them, in runs
+    # no longer than a wall with a digit touching it (a longer run is a line along the side:
+    # a grid's, or hatching; trying every column of it took seconds).
+    longest = 3 * (thickness + 2)
+    starts = [x for x in np.flatnonzero(inner[0]) if right_end[0, x] - left_end[0, x] <= longest]
+    ends = np.array(
+        [x for x in np.flatnonzero(inner[-1]) if right_end[-1, x] - left_end[-1, x] <= longest]
+    )
+    if not starts or not len(ends):
+        return walls
+    # Two walls (boxes set apart) to a field at most, a field MIN_SIDE wide at least: more
+    # is a grid or hatching, no row of boxes for digits.
+    if np.count_nonzero(np.diff(starts) > 1) + 1 > 2 * width / MIN_SIDE:
         return walls
     rows = np.arange(y1 - y0)
     reach = int(np.ceil(MAX_SLOPE * (y1 - y0)))
-    every = np.arange(height)
-    columns = np.arange(width)[None, :]
-    found = []
-    # Every column where ink meets the top side may start a wall (a digit touching the wall
-    # there widens the run of ink, so a run's middle may be off the wall).
+    candidates: list[tuple[float, float]] = []
     for start in starts:
-        if any(abs(start - centre[y0]) <= thickness / 2 + 0.5 for centre, _, _ in found):
+        if any(abs(start - a) <= thickness / 2 + 0.5 for a, _ in candidates):
             continue  # on a wall already found
         best, best_cover = None, WALL_COVER
         for end in ends[np.abs(ends - start) <= reach]:
             path = np.round(start + (end - start) * rows / max(len(rows) - 1, 1)).astype(int)
-            near = np.zeros(len(rows), bool)
-            for dx in (-1, 0, 1):
-                near |= inner[rows, np.clip(path + dx, 0, width - 1)]
+            # The run of ink at the path, or a column either side of it, row by row.
+            at = np.full(len(rows), -1)
+            for dx in (1, -1, 0):
+                column = np.clip(path + dx, 0, width - 1)
+                at = np.where(inner[rows, column], column, at)
+            near = at >= 0
             if near.mean() < best_cover:
                 continue
-            # As thin as the box's other lines: a stroke (a 1 filling its field) is thicker,
-            # or not straight.
-            runs = np.array([_run_at(inner[r], path[r]) for r in rows[near]], np.float32)
-            if median(runs[:, 1] - runs[:, 0]) > thickness + 1.5:
+            lo, hi = left_end[rows[near], at[near]], right_end[rows[near], at[near]]
+            # As thin as the box's other lines, and straight: its middle lies along the path,
+            # or a little to one side of it all the way (the path may run along one edge of
+            # the wall); a path from one wall to the one next to it does not.
+            if median((hi - lo).astype(np.float32)) > thickness + 1.5:
                 continue
-            # The wall's middle, row by row, lies along the path, or a little to one side of
-            # it all the way (the path may run along one edge of the wall); a path from one
-            # wall to the one next to it does not.
-            off = (runs[:, 0] + runs[:, 1] - 1) / 2 - path[near]
-            shift = median(off)
+            off = (lo + hi - 1) / 2 - path[near]
+            shift = median(off.astype(np.float32))
             if np.mean(np.abs(off - shift) <= 1.0) >= WALL_COVER:
                 best, best_cover = (start + shift, end + shift), near.mean()
-        if best is None:
+        if best is not None:
+            candidates.append(best)
+    if not candidates:
+        return walls
+    # The walls' fields: walls closer than a field's width are one boundary (the two sides of
+    # boxes set a little apart).
+    field = WALL_FIELD * (y1 - y0)
+    candidates.sort(key=lambda ends_: sum(ends_))
+    groups: list[list[tuple[float, float]]] = []
+    for wall in candidates:
+        if groups and (sum(wall) - sum(groups[-1][-1])) / 2 < field:
+            groups[-1].append(wall)
+        else:
+            groups.append([wall])
+    limits = [0.0] + [x for g in groups for x in (min(map(sum, g)) / 2, max(map(sum, g)) / 2)]
+    limits.append(float(width))
+    every = np.arange(height)
+    columns = np.arange(width)[None, :]
+    kept = []
+    for k, group in enumerate(groups):
+        before, first, last, after = limits[2 * k : 2 * k + 4]
+        if first - before < field or after - last < field:
             continue
-        # The whole height, through the top and bottom sides' bands too: nothing of the wall
-        # is left where it meets them.
-        centre = best[0] + (best[1] - best[0]) * (every - y0) / max(len(rows) - 1, 1)
-        lo = np.floor(centre - thickness / 2 - 1).astype(int)
-        hi = np.ceil(centre + thickness / 2 + 1).astype(int)
-        found.append((centre, lo, hi))
-        walls |= (columns >= lo[:, None]) & (columns <= hi[:, None])
+        # (Off the wall by a stroke's width and more: a 1 written slanting reaches out.)
+        margin = 2 * thickness + 3
+        inked = [
+            np.count_nonzero(surely[y0:y1, int(a) : int(b)] & ~bands[y0:y1, int(a) : int(b)])
+            for a, b in ((before, first - margin), (last + margin + 1, after))
+        ]
+        if max(inked) < max(6.0, 0.02 * field * (y1 - y0)):
+            continue
+        for start, end in group:
+            # The whole height, through the top and bottom sides' bands too: nothing of the
+            # wall is left where it meets them.
+            centre = start + (end - start) * (every - y0) / max(len(rows) - 1, 1)
+            lo = np.floor(centre - thickness / 2 - 1).astype(int)
+            hi = np.ceil(centre + thickness / 2 + 1).astype(int)
+            kept.append((lo, hi))
+            walls |= (columns >= lo[:, None]) & (columns <= hi[:, None])
     # Where a stroke crosses a wall (ink just left and just right of it, that of no other
     # wall), the pixels are the stroke's as much as the wall's: they stay.
     strokes &= ~walls
-    for _, lo, hi in found:
+    for lo, hi in kept:
         crossed = _beside(strokes, every, lo - 1, -1) & _beside(strokes, every, hi + 1, 1)
         walls[crossed] &= ~((columns[0] >= lo[crossed, None]) & (columns[0] <= hi[crossed, None]))
     return walls
+
+
+def _run_bounds(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every pixel of ``ink`` (bool), where the run of ink along its row starts and ends
+    (end exclusive); meaningless off the ink."""
+    width = ink.shape[1]
+    index = np.arange(width)
+    starts = ink.copy()
+    starts[:, 1:] &= ~ink[:, :-1]
+    stops = ink.copy()
+    stops[:, :-1] &= ~ink[:, 1:]
+    left = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    right = np.minimum.accumulate(np.where(stops, index, width - 1)[:, ::-1], axis=1)[:, ::-1]
+    return left, right + 1
 
 
 def _beside(strokes: np.ndarray, rows: np.ndarray, columns: np.ndarray, step: int) -> np.ndarray:
@@ -352,21 +406,3 @@ def _beside(strokes: np.ndarray, rows: np.ndarray, columns: np.ndarray, step: in
         inside = (column >= 0) & (column < width)
         out[inside] |= strokes[rows[inside], column[inside]]
     return out
-
-
-def _run_at(row: np.ndarray, x: int) -> tuple[int, int]:
-    """The run of ink in ``row`` (start, end exclusive) that holds column ``x`` or one next to
-    it; (x, x) when there is none."""
-    width = len(row)
-    for at in (x, x - 1, x + 1):
-        if 0 <= at < width and row[at]:
-            break
-    else:
-        return x, x
-    left = at
-    while left > 0 and row[left - 1]:
-        left -= 1
-    right = at
-    while right < width - 1 and row[right + 1]:
-        right += 1
-    return left, right + 1
