@@ -6,11 +6,14 @@ Without this step a box is the largest piece of ink, and it is read as a 0 (or, 
 touching it, as one piece with the digit), or the digit is read with a frame around it. A box
 is told from the strokes of a digit by its shape as a whole: four straight sides, each running
 along nearly all of one side of the piece's bounding box, thin against the box, and the middle
-of the box mostly paper. No digit has all of that (a 0 written square has round corners or
-sides that bend, and a typed 0 is round). Lines that run straight from one side of a box to
-the opposite one inside it (the walls between the fields of a row of boxes) go too.
-Where a stroke touches or crosses a side, the pixels the two share are kept, so that the
-stroke stays whole.
+of the box mostly paper. Few digits have all of that (a typed 0 is round, a 0 written square
+has round corners or sides that bend), and a square drawn with a pen is bolder than a printed
+box: drawn more boldly than the strokes inside it, or empty and bold, it is a digit and stays
+(a 0 written square on the drawing page). Lines that run straight from one side of a box to
+the opposite one inside it (the walls between the fields of a row of boxes) go too, when the
+fields either side of them are wide enough and one holds ink (a 1 that spans its box stays).
+Where a stroke touches or crosses a side or a wall, the pixels the two share are kept, so that
+the stroke stays whole.
 
 find_ink (lenet/preprocess.py) calls ``without_boxes`` on its ink mask at the working scale,
 after the rules of ruled paper are out (lenet/ruled.py).
@@ -83,9 +86,9 @@ def without_boxes(mask: np.ndarray, ink: np.ndarray, faint: float) -> tuple[np.n
     # a fraction of the picture.
     y0, y1, x0, x1 = bounds(candidates)
     crop = candidates[y0:y1, x0:x1]
-    # Pieces a pixel or two apart (what is left of a line at that level) are taken together:
-    # the pieces are found at half the resolution (a 2x2 block with ink is ink), a pixel
-    # grown, which joins them and takes a quarter of the time.
+    # Pieces up to about 4 pixels apart (what is left of a line at that level) are taken
+    # together: the pieces are found at half the resolution (a 2x2 block with ink is ink),
+    # grown by a pixel there, which joins them and takes a quarter of the time.
     even = np.zeros((crop.shape[0] + crop.shape[0] % 2, crop.shape[1] + crop.shape[1] % 2), bool)
     even[: crop.shape[0], : crop.shape[1]] = crop
     half = even[::2, ::2] | even[1::2, ::2] | even[::2, 1::2] | even[1::2, 1::2]
@@ -119,8 +122,9 @@ def without_boxes(mask: np.ndarray, ink: np.ndarray, faint: float) -> tuple[np.n
 
 def _may_be_box(piece: np.ndarray) -> bool:
     """A quick look at a piece (bool, cut to its bounding box) before the close one: along
-    each side, the ink's edge is near the bounding box for at least half of its length. Most
-    digits fail it on the first or second side, for a fraction of ``_box_lines``' time."""
+    each side, the ink's edge is near the bounding box (within the slope of a box askew) for
+    at least 60% of its length. Most digits fail it on the first or second side, in a
+    fraction of ``_box_lines``' time."""
     for view in views_of(piece).values():
         near = 1 + MAX_SLOPE * view.shape[1]
         if np.count_nonzero(np.argmax(view, axis=0) <= near) < 0.6 * view.shape[1]:
