@@ -174,9 +174,9 @@ def _box_lines(region: np.ndarray, surely: np.ndarray) -> np.ndarray | None:
     walls = _walls(region, bands, sides, surely)
     walls |= _walls(region.T, bands.T, _turned(sides), surely.T).T
     bands |= walls
-    # A box drawn as boldly as the strokes inside it, or empty and bold, is itself a digit:
-    # a 0 written square (on the drawing page, with its thick pen; slashed, or not). A form's
-    # box is printed or ruled, thinner than the handwriting in it.
+    # A box drawn more boldly than the strokes inside it (by more than a pixel), or empty and
+    # bold, is itself a digit: a 0 written square (on the drawing page, with its thick pen;
+    # slashed, or not). A form's box is printed or ruled, no bolder than the writing in it.
     thickness = max(side.thickness for side in sides.values())
     inside = surely[middle] & ~bands[middle]
     if inside.sum() < max(6.0, MIN_INSIDE * inside.size):
