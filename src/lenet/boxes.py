@@ -36,8 +36,8 @@ MIN_SIDE = 20
 # rest is where strokes cross it, or its rounded corners).
 MIN_STRAIGHT = 0.85
 STRAIGHT_PX = 1.5
-# A page a little askew: up to about 6 degrees.
-MAX_SLOPE = 0.1
+# A page photographed askew: up to about 10 degrees.
+MAX_SLOPE = 0.18
 # A side is a line: at most this share of the box's shorter side thick.
 MAX_LINE = 0.15
 # Inside the sides, the box is mostly paper (a digit covers a third of its box at most).
