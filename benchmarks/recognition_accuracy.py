@@ -73,15 +73,19 @@ def main() -> None:
         args.page_photos,
     )
 
+    def numbers(write, rng: np.random.Generator) -> float:
+        """The share of ``args.lines`` numbers of 2-6 digits, made by ``write``, read exactly."""
+        exact = 0
+        for _ in range(args.lines):
+            chosen = rng.choice(len(images), int(rng.integers(2, 7)))
+            reading = reader.read(write([images[i] for i in chosen], rng))
+            exact += reading.text == "".join(str(labels[i]) for i in chosen)
+        return exact / max(args.lines, 1)
+
     rng = np.random.default_rng(100)
-    exact = total = 0
-    for _ in range(args.lines):
-        chosen = rng.choice(len(images), int(rng.integers(2, 7)))
-        reading = reader.read(userstyle.number_line([images[i] for i in chosen], rng))
-        exact += reading.text == "".join(str(labels[i]) for i in chosen)
-        total += 1
+    exact = numbers(userstyle.number_line, rng)
     if args.lines:
-        print(f"| numbers of 2-6 digits on paper, read exactly | {exact / total:.1%} | | |")
+        print(f"| numbers of 2-6 digits on paper, read exactly | {exact:.1%} | | |")
     exact = split = 0
     for _ in range(args.lines):
         chosen = rng.choice(len(images), 2)
@@ -110,16 +114,9 @@ def main() -> None:
             f"found in {counted / args.long_lines:.0%}, and {right / max(total, 1):.1%} of "
             f"their digits right) | {exact / args.long_lines:.1%} | | |"
         )
-    rng = np.random.default_rng(100)
-    exact = 0
-    for _ in range(args.lines):
-        chosen = rng.choice(len(images), int(rng.integers(2, 7)))
-        reading = reader.read(userstyle.boxed_number([images[i] for i in chosen], rng))
-        exact += reading.text == "".join(str(labels[i]) for i in chosen)
+    exact = numbers(userstyle.boxed_number, np.random.default_rng(100))
     if args.lines:
-        print(
-            f"| numbers of 2-6 digits, one to a box, read exactly | {exact / args.lines:.1%} | | |"
-        )
+        print(f"| numbers of 2-6 digits, one to a box, read exactly | {exact:.1%} | | |")
 
     correct = total = 0
     for name, path in userstyle.FONTS.items():

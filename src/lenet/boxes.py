@@ -169,8 +169,9 @@ def _box_lines(region: np.ndarray, surely: np.ndarray) -> np.ndarray | None:
     if region[middle].size == 0 or region[middle].mean() > MAX_FILLED:
         return None
     bands = np.zeros_like(region)
+    band_views = views_of(bands)
     for name, side in sides.items():
-        _band(views_of(bands)[name], side.offset, side.thickness)
+        _band(band_views[name], side.offset, side.thickness)
     walls = _walls(region, bands, sides, surely)
     walls |= _walls(region.T, bands.T, _turned(sides), surely.T).T
     bands |= walls
@@ -188,8 +189,9 @@ def _box_lines(region: np.ndarray, surely: np.ndarray) -> np.ndarray | None:
     # column are the stroke's end as much as the side's: they stay.
     strokes = region & ~bands
     shared = np.zeros_like(region)
+    stroke_views, shared_views = views_of(strokes), views_of(shared)
     for name, side in sides.items():
-        _touched(views_of(strokes)[name], views_of(shared)[name], side.offset, side.thickness)
+        _touched(stroke_views[name], shared_views[name], side.offset, side.thickness)
     return region & bands & ~(shared & ~walls)
 
 
@@ -274,9 +276,7 @@ def _touched(strokes: np.ndarray, shared: np.ndarray, offset: np.ndarray, thickn
         row = bottom + k
         inside = row < height
         touch[inside] |= strokes[row[inside], columns[inside]]
-    near = touch.copy()
-    near[1:] |= touch[:-1]
-    near[:-1] |= touch[1:]
+    near = grow(touch[None, :], 1)[0]  # a column either way
     rows = np.arange(height)[:, None]
     shared |= near[None, :] & (rows >= np.floor(offset) - 1) & (rows <= bottom)
 

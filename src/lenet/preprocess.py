@@ -650,11 +650,12 @@ def _find_ink(picture: Picture) -> InkMap | None:
     # among many specks, such as what is left of faint printed boxes around them, are most
     # of the ink in pieces far larger than the typical one.)
     pieces = sizes[1:]
+    typical_piece = median(pieces)
     if (
         count > 20
         and pieces.max() < 0.3 * pieces.sum()
-        and median(pieces) < NOISE_SPECK * height * width
-        and pieces[pieces >= STROKES_OVER_SPECKS * median(pieces)].sum() < 0.75 * pieces.sum()
+        and typical_piece < NOISE_SPECK * height * width
+        and pieces[pieces >= STROKES_OVER_SPECKS * typical_piece].sum() < 0.75 * pieces.sum()
     ):
         return None
     # Ink touching the picture's edge is a desk, a frame or a shadow when there is ink
