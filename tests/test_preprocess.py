@@ -323,6 +323,46 @@ def test_the_box_around_a_digit_is_not_ink(digits):
     assert preprocess(np.asarray(row)) is None
 
 
+def test_boxes_set_a_hair_apart_and_strokes_that_near_a_side(digits):
+    # Ink strength as find_ink hands it over: the printed lines 0.8, the pen 0.9, and faint
+    # ink (0.2: under the threshold of 0.35, over the box search's 0.1) where JPEG and the
+    # shrinking to the working size blur two lines, or a line and a stroke, together.
+    def ink_of(draw_on) -> tuple[np.ndarray, np.ndarray]:
+        page = Image.new("L", (300, 140), 0)
+        draw_on(ImageDraw.Draw(page))
+        ink = np.asarray(page, np.float32) / 255
+        return ink > 0.35, ink
+
+    # Two boxes whose sides are a hair apart (columns 118-119 and 122-123, faint between):
+    # at the faint level the two sides are one wall, twice a line's width; it goes.
+    def two_boxes(draw: ImageDraw.ImageDraw) -> None:
+        draw.rectangle((120, 20, 121, 119), fill=51)
+        draw.rectangle((20, 20, 119, 119), outline=204, width=2)
+        draw.rectangle((122, 20, 221, 119), outline=204, width=2)
+        for x in (45, 147):
+            draw.ellipse((x, 40, x + 50, 100), outline=230, width=5)
+
+    mask, ink = ink_of(two_boxes)
+    kept, _ = without_boxes(mask, ink, 0.1)
+    assert not kept[25:115, 112:130].any()  # the double wall
+    assert kept[40:101, 45:96].sum() == mask[40:101, 45:96].sum()  # the digits stay
+    assert kept[40:101, 147:198].sum() == mask[40:101, 147:198].sum()
+    assert not kept[:, :30].any() and not kept[:, 212:].any()
+
+    # A round stroke that nears the box's left side with only faint ink between: what would
+    # be kept of the side where a stroke meets it is no part of the stroke, and alone it was
+    # read as a 1 (a 0 in the first of a row of boxes read as "10").
+    def near_the_side(draw: ImageDraw.ImageDraw) -> None:
+        draw.rectangle((22, 50, 23, 90), fill=51)
+        draw.rectangle((20, 20, 121, 119), outline=204, width=2)
+        draw.ellipse((24, 35, 84, 105), outline=230, width=5)
+
+    mask, ink = ink_of(near_the_side)
+    kept, _ = without_boxes(mask, ink, 0.1)
+    assert not kept[:, :24].any()
+    assert kept[35:106, 24:85].sum() == mask[35:106, 24:85].sum()
+
+
 def test_digits_are_not_taken_for_boxes(digits):
     # No MNIST digit has four straight sides: cropped tightly (its strokes along the crop's
     # edges, as a box's are), each is left whole.

@@ -192,7 +192,15 @@ def _box_lines(region: np.ndarray, surely: np.ndarray) -> np.ndarray | None:
     stroke_views, shared_views = views_of(strokes), views_of(shared)
     for name, side in sides.items():
         _touched(stroke_views[name], shared_views[name], side.offset, side.thickness)
-    return region & bands & ~(shared & ~walls)
+    lines = region & bands & ~(shared & ~walls)
+    # What is kept of a side must be part of a stroke: a stroke that touches a side only at
+    # the faint level (a pixel of paper between them in ``surely``) leaves the side's piece
+    # alone, and alone it is read as a 1.
+    stays = surely & ~lines
+    labels, _ = ndimage.label(stays, ALL_NEIGHBOURS)
+    attached = np.unique(labels[surely & ~bands])
+    orphans = stays & bands & ~np.isin(labels, attached)
+    return lines | orphans
 
 
 def _stroke_width(ink: np.ndarray) -> float:
@@ -284,10 +292,11 @@ def _touched(strokes: np.ndarray, shared: np.ndarray, offset: np.ndarray, thickn
 def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarray) -> np.ndarray:
     """The walls of ``region``'s box that run from its top side to its bottom side (between
     the fields of a row of boxes): straight lines of ink, no thicker than the box's left and
-    right sides, along WALL_COVER of the way between the two sides, that leave fields at least
-    WALL_FIELD of the box's height wide on either side, one of them with ink (``surely``) in
-    it. A stroke that fills its box from side to side (a 1, a 7's bar, a 2's base) leaves a
-    narrow field, or two empty ones, and stays."""
+    right sides (or two such lines side by side: boxes set a hair apart), along WALL_COVER of
+    the way between the two sides, that leave fields at least WALL_FIELD of the box's height
+    wide on either side, one of them with ink (``surely``) in it. A stroke that fills its box
+    from side to side (a 1, a 7's bar, a 2's base) leaves a narrow field, or two empty ones,
+    and stays."""
     height, width = region.shape
     walls = np.zeros_like(region)
     top, bottom = sides["top"], sides["bottom"]
@@ -316,6 +325,7 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
     rows = np.arange(y1 - y0)
     reach = int(np.ceil(MAX_SLOPE * (y1 - y0)))
     candidates: list[tuple[float, float]] = []
+    widths: dict[tuple[float, float], float] = {}  # a wall's width: one line or two
     for start in starts:
         if any(abs(start - a) <= thickness / 2 + 0.5 for a, _ in candidates):
             continue  # on a wall already found
@@ -334,12 +344,16 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
             # As thin as the box's other lines, and straight: its middle lies along the path,
             # or a little to one side of it all the way (the path may run along one edge of
             # the wall); a path from one wall to the one next to it does not.
-            if median((hi - lo).astype(np.float32)) > thickness + 1.5:
+            wide = median((hi - lo).astype(np.float32))
+            if wide > thickness + 1.5 and (
+                wide > 2 * thickness + 2.5 or not _two_lines(surely[y0:y1][rows[near]], lo, hi)
+            ):
                 continue
             off = (lo + hi - 1) / 2 - path[near]
             shift = median(off.astype(np.float32))
             if np.mean(np.abs(off - shift) <= 1.0) >= WALL_COVER:
                 best, best_cover = (start + shift, end + shift), near.mean()
+                widths[best] = max(float(wide), thickness)
         if best is not None:
             candidates.append(best)
     if not candidates:
@@ -375,8 +389,9 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
             # The whole height, through the top and bottom sides' bands too: nothing of the
             # wall is left where it meets them.
             centre = start + (end - start) * (every - y0) / max(len(rows) - 1, 1)
-            lo = np.floor(centre - thickness / 2 - 1).astype(int)
-            hi = np.ceil(centre + thickness / 2 + 1).astype(int)
+            half = widths[start, end] / 2
+            lo = np.floor(centre - half - 1).astype(int)
+            hi = np.ceil(centre + half + 1).astype(int)
             kept.append((lo, hi))
             walls |= (columns >= lo[:, None]) & (columns <= hi[:, None])
     # Where a stroke crosses a wall (ink just left and just right of it, that of no other
@@ -386,6 +401,18 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
         crossed = _beside(strokes, every, lo - 1, -1) & _beside(strokes, every, hi + 1, 1)
         walls[crossed] &= ~((columns[0] >= lo[crossed, None]) & (columns[0] <= hi[crossed, None]))
     return walls
+
+
+def _two_lines(surely: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool:
+    """Whether the runs ``lo:hi`` (one per row of ``surely``) are two lines side by side in
+    most rows: the sides of two boxes set a hair apart, one run at the faint level, with paper
+    between them in ``surely``. A stroke (a 1 along a wall) is solid ink."""
+    columns = np.arange(surely.shape[1])[None, :]
+    within = surely & (columns >= lo[:, None]) & (columns < hi[:, None])
+    count = within.sum(axis=1)
+    first = np.argmax(within, axis=1)
+    last = surely.shape[1] - 1 - np.argmax(within[:, ::-1], axis=1)
+    return bool(np.mean((count > 1) & (count < last - first + 1)) >= 0.5)
 
 
 def _run_bounds(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
