@@ -56,6 +56,8 @@ def main() -> None:
 
     def single_digits(name: str, make, count: int) -> None:
         """A row of single digits: ``count`` MNIST test digits through ``make``, seed 100."""
+        if not count:
+            return
         rng = np.random.default_rng(100)
         chosen = rng.choice(len(images), count, replace=False)
         answers = reader.predict_batch([make(images[i], rng) for i in chosen])
