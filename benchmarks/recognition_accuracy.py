@@ -1,7 +1,7 @@
 """How well the bundled model reads pictures like users send: the figures in the README.
 
     python benchmarks/recognition_accuracy.py [--weights NAME|FILE] [--per-style 500] [--lines 500]
-        [--long-lines 100] [--page-photos 100]
+        [--long-lines 100] [--page-photos 100] [--seed 100]
 
 Pictures are built from MNIST *test* digits by tests/userstyle.py (the same generator the
 tests use, with other seeds): paper photos as JPEG and PNG, canvas exports with transparency,
@@ -47,18 +47,24 @@ def main() -> None:
     parser.add_argument(
         "--page-photos", type=int, default=100, help="small digits in 12-megapixel photos"
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=100,
+        help="draws the pictures (the README's figures: 100); another seed, another sample",
+    )
     args = parser.parse_args()
     data = load_dataset("mnist")
     images, labels = data.test.images[:, 0].numpy(), data.test.labels.numpy()
     reader = Recognizer.load(args.weights)
-    print(f"model: {reader.name}; pictures from MNIST test digits, seed 100\n")
+    print(f"model: {reader.name}; pictures from MNIST test digits, seed {args.seed}\n")
     print("| pictures | correct | unsure | no digit found |\n|---|---|---|---|")
 
     def single_digits(name: str, make, count: int) -> None:
-        """A row of single digits: ``count`` MNIST test digits through ``make``, seed 100."""
+        """A row of single digits: ``count`` MNIST test digits through ``make``."""
         if not count:
             return
-        rng = np.random.default_rng(100)
+        rng = np.random.default_rng(args.seed)
         chosen = rng.choice(len(images), count, replace=False)
         answers = reader.predict_batch([make(images[i], rng) for i in chosen])
         correct = np.mean([a.best_guess == labels[i] for a, i in zip(answers, chosen)])
@@ -84,7 +90,7 @@ def main() -> None:
             exact += reading.text == "".join(str(labels[i]) for i in chosen)
         return exact / max(args.lines, 1)
 
-    rng = np.random.default_rng(100)
+    rng = np.random.default_rng(args.seed)
     exact = numbers(userstyle.number_line, rng)
     if args.lines:
         print(f"| numbers of 2-6 digits on paper, read exactly | {exact:.1%} | | |")
@@ -116,7 +122,7 @@ def main() -> None:
             f"found in {counted / args.long_lines:.0%}, and {right / max(total, 1):.1%} of "
             f"their digits right) | {exact / args.long_lines:.1%} | | |"
         )
-    exact = numbers(userstyle.boxed_number, np.random.default_rng(100))
+    exact = numbers(userstyle.boxed_number, np.random.default_rng(args.seed))
     if args.lines:
         print(f"| numbers of 2-6 digits, one to a box, read exactly | {exact:.1%} | | |")
 
@@ -131,7 +137,7 @@ def main() -> None:
                 total += 1
     print(f"| typed digits, {len(userstyle.FONTS)} fonts, 16-200 px | {correct / total:.1%} | | |")
 
-    rng = np.random.default_rng(100)
+    rng = np.random.default_rng(args.seed)
     blanks = [np.full((240, 320), v, np.uint8) for v in (0, 90, 200, 255)]
     blanks += [rng.integers(0, 256, (240, 320), dtype=np.uint8) for _ in range(10)]
     blanks += [np.tile(np.linspace(40, 230, 320), (240, 1)).astype(np.uint8)]
