@@ -308,6 +308,7 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
     strokes = region & ~bands
     inner = strokes[y0:y1]
     left_end, right_end = _run_bounds(inner)
+    holes = None  # (_holes, made when first needed)
     # Where a wall meets the top and the bottom side: ink just inside each of them, in runs
     # no longer than a wall with a digit touching it (a longer run is a line along the side:
     # a grid's, or hatching; trying every column of it took seconds).
@@ -345,10 +346,14 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
             # or a little to one side of it all the way (the path may run along one edge of
             # the wall); a path from one wall to the one next to it does not.
             wide = median((hi - lo).astype(np.float32))
-            if wide > thickness + 1.5 and (
-                wide > 2 * thickness + 2.5 or not _two_lines(surely[y0:y1][rows[near]], lo, hi)
-            ):
-                continue
+            if wide > thickness + 1.5:
+                # Wider than a line: two lines side by side, with paper between them in half
+                # the rows at least, or no wall.
+                if holes is None:
+                    holes = _holes(inner, surely[y0:y1], left_end, right_end)
+                between = holes[rows[near], hi] - holes[rows[near], lo]
+                if wide > 2 * thickness + 2.5 or np.mean(between > 0) < 0.5:
+                    continue
             off = (lo + hi - 1) / 2 - path[near]
             shift = median(off.astype(np.float32))
             if np.mean(np.abs(off - shift) <= 1.0) >= WALL_COVER:
@@ -403,16 +408,21 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
     return walls
 
 
-def _two_lines(surely: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool:
-    """Whether the runs ``lo:hi`` (one per row of ``surely``) are two lines side by side in
-    most rows: the sides of two boxes set a hair apart, one run at the faint level, with paper
-    between them in ``surely``. A stroke (a 1 along a wall) is solid ink."""
-    columns = np.arange(surely.shape[1])[None, :]
-    within = surely & (columns >= lo[:, None]) & (columns < hi[:, None])
-    count = within.sum(axis=1)
-    first = np.argmax(within, axis=1)
-    last = surely.shape[1] - 1 - np.argmax(within[:, ::-1], axis=1)
-    return bool(np.mean((count > 1) & (count < last - first + 1)) >= 0.5)
+def _holes(inner: np.ndarray, surely: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per row of ``inner``, the running count (a zero column first, so that the count in
+    columns a:b is ``out[:, b] - out[:, a]``) of its pixels that are paper in ``surely``
+    between two surely-ink pixels of the same run (``lo``, ``hi``: _run_bounds of ``inner``):
+    where a run at the faint level is two lines side by side, the sides of two boxes set a
+    hair apart. A stroke (a 1 along a wall) is solid ink and has none."""
+    height, width = inner.shape
+    index = np.arange(width)
+    ink = surely & inner
+    before = np.maximum.accumulate(np.where(ink, index, -1), axis=1)
+    after = np.minimum.accumulate(np.where(ink, index, width)[:, ::-1], axis=1)[:, ::-1]
+    hole = inner & ~ink & (before >= lo) & (after < hi)
+    out = np.zeros((height, width + 1), np.int32)
+    np.cumsum(hole, axis=1, out=out[:, 1:])
+    return out
 
 
 def _run_bounds(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
