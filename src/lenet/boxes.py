@@ -63,6 +63,20 @@ class Side(NamedTuple):
     on_line: np.ndarray  # bool, per column: the ink's top edge is on the line there
 
 
+class Wall(NamedTuple):
+    """A wall between two fields of a row of boxes: where its middle meets the top side and
+    the bottom side (columns), and how wide it is (one line, or two side by side)."""
+
+    start: float
+    end: float
+    width: float
+
+    @property
+    def middle(self) -> float:
+        """The column of its middle, half-way down."""
+        return (self.start + self.end) / 2
+
+
 # The sides at the start and at the end of each side, in the order its view's columns run.
 NEXT_TO = {
     "top": ("left", "right"),
@@ -325,10 +339,9 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
         return walls
     rows = np.arange(y1 - y0)
     reach = int(np.ceil(MAX_SLOPE * (y1 - y0)))
-    candidates: list[tuple[float, float]] = []
-    widths: dict[tuple[float, float], float] = {}  # a wall's width: one line or two
+    candidates: list[Wall] = []
     for start in starts:
-        if any(abs(start - a) <= thickness / 2 + 0.5 for a, _ in candidates):
+        if any(abs(start - wall.start) <= thickness / 2 + 0.5 for wall in candidates):
             continue  # on a wall already found
         best, best_cover = None, WALL_COVER
         for end in ends[np.abs(ends - start) <= reach]:
@@ -357,8 +370,8 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
             off = (lo + hi - 1) / 2 - path[near]
             shift = median(off.astype(np.float32))
             if np.mean(np.abs(off - shift) <= 1.0) >= WALL_COVER:
-                best, best_cover = (start + shift, end + shift), near.mean()
-                widths[best] = max(float(wide), thickness)
+                best = Wall(start + shift, end + shift, max(float(wide), thickness))
+                best_cover = near.mean()
         if best is not None:
             candidates.append(best)
     if not candidates:
@@ -366,14 +379,14 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
     # The walls' fields: walls closer than a field's width are one boundary (the two sides of
     # boxes set a little apart).
     field = WALL_FIELD * (y1 - y0)
-    candidates.sort(key=lambda ends_: sum(ends_))
-    groups: list[list[tuple[float, float]]] = []
+    candidates.sort(key=lambda wall: wall.middle)
+    groups: list[list[Wall]] = []
     for wall in candidates:
-        if groups and (sum(wall) - sum(groups[-1][-1])) / 2 < field:
+        if groups and wall.middle - groups[-1][-1].middle < field:
             groups[-1].append(wall)
         else:
             groups.append([wall])
-    limits = [0.0] + [x for g in groups for x in (min(map(sum, g)) / 2, max(map(sum, g)) / 2)]
+    limits = [0.0] + [x for g in groups for x in (g[0].middle, g[-1].middle)]
     limits.append(float(width))
     every = np.arange(height)
     columns = np.arange(width)[None, :]
@@ -390,11 +403,11 @@ def _walls(region: np.ndarray, bands: np.ndarray, sides: dict, surely: np.ndarra
         ]
         if max(inked) < max(6.0, 0.02 * field * (y1 - y0)):
             continue
-        for start, end in group:
+        for start, end, wide in group:
             # The whole height, through the top and bottom sides' bands too: nothing of the
             # wall is left where it meets them.
             centre = start + (end - start) * (every - y0) / max(len(rows) - 1, 1)
-            half = widths[start, end] / 2
+            half = wide / 2
             lo = np.floor(centre - half - 1).astype(int)
             hi = np.ceil(centre + half + 1).astype(int)
             kept.append((lo, hi))
@@ -414,13 +427,9 @@ def _holes(inner: np.ndarray, surely: np.ndarray, lo: np.ndarray, hi: np.ndarray
     between two surely-ink pixels of the same run (``lo``, ``hi``: _run_bounds of ``inner``):
     where a run at the faint level is two lines side by side, the sides of two boxes set a
     hair apart. A stroke (a 1 along a wall) is solid ink and has none."""
-    height, width = inner.shape
-    index = np.arange(width)
     ink = surely & inner
-    before = np.maximum.accumulate(np.where(ink, index, -1), axis=1)
-    after = np.minimum.accumulate(np.where(ink, index, width)[:, ::-1], axis=1)[:, ::-1]
-    hole = inner & ~ink & (before >= lo) & (after < hi)
-    out = np.zeros((height, width + 1), np.int32)
+    hole = inner & ~ink & (_last_marked(ink) >= lo) & (_first_marked(ink) < hi)
+    out = np.zeros((inner.shape[0], inner.shape[1] + 1), np.int32)
     np.cumsum(hole, axis=1, out=out[:, 1:])
     return out
 
@@ -428,15 +437,26 @@ def _holes(inner: np.ndarray, surely: np.ndarray, lo: np.ndarray, hi: np.ndarray
 def _run_bounds(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For every pixel of ``ink`` (bool), where the run of ink along its row starts and ends
     (end exclusive); meaningless off the ink."""
-    width = ink.shape[1]
-    index = np.arange(width)
     starts = ink.copy()
     starts[:, 1:] &= ~ink[:, :-1]
     stops = ink.copy()
     stops[:, :-1] &= ~ink[:, 1:]
-    left = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    right = np.minimum.accumulate(np.where(stops, index, width - 1)[:, ::-1], axis=1)[:, ::-1]
-    return left, right + 1
+    return _last_marked(starts), _first_marked(stops) + 1
+
+
+def _last_marked(marks: np.ndarray) -> np.ndarray:
+    """Per pixel, the column of the last pixel of ``marks`` (bool) in its row at or before
+    it; -1 where there is none."""
+    index = np.arange(marks.shape[1])
+    return np.maximum.accumulate(np.where(marks, index, -1), axis=1)
+
+
+def _first_marked(marks: np.ndarray) -> np.ndarray:
+    """Per pixel, the column of the first pixel of ``marks`` (bool) in its row at or after
+    it; the row's width where there is none."""
+    width = marks.shape[1]
+    index = np.arange(width)
+    return np.minimum.accumulate(np.where(marks, index, width)[:, ::-1], axis=1)[:, ::-1]
 
 
 def _beside(strokes: np.ndarray, rows: np.ndarray, columns: np.ndarray, step: int) -> np.ndarray:
