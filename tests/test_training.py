@@ -350,3 +350,22 @@ def test_only_a_blown_up_loss_counts_as_diverged():
     assert not _diverged({"train_loss": uniform, "train_accuracy": 0.11}, 10)
     # A high loss on a run that answers well is a loss with large margins, not a blow-up.
     assert not _diverged({"train_loss": 90.0, "train_accuracy": 0.9}, 10)
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 5, 8])
+def test_the_one_cycle_schedule_runs_for_a_run_of_any_length(total_steps):
+    # A run of 4 steps in all (`--epochs 1 --train-limit 500` for mlp) once raised
+    # ZeroDivisionError inside PyTorch's OneCycleLR: a warm-up of exactly one step.
+    from lenet.training import make_scheduler
+
+    model = torch.nn.Linear(2, 2)
+    config = resolve_config("lenet-relu", epochs=1, lr=0.01, schedule="onecycle")
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = make_scheduler(config, optimizer, total_steps)
+    rates = []
+    for _ in range(total_steps):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert all(math.isfinite(rate) and rate > 0 for rate in rates)
+    assert max(rates) <= config.lr * (1 + 1e-9)

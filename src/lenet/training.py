@@ -181,8 +181,12 @@ def make_scheduler(
             optimizer, lambda step: paper_rate(step // steps_per_epoch)
         )
     if config.schedule == "onecycle":
+        # A quarter of the steps warm up. PyTorch divides by the warm-up's length in steps
+        # less one, so a warm-up of exactly one step (a run of 4 steps in all) raised
+        # ZeroDivisionError: such a run warms up over two.
+        warm_up = 0.25 if total_steps != 4 else 0.5
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25
+            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=warm_up
         )
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
