@@ -294,9 +294,15 @@ def test_a_run_folder_names_its_weights_and_a_picture_is_not_weights(tmp_path):
     assert json.loads(_lenet("evaluate", str(run), "--json").stdout)["accuracy"] > 0.98
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "notes.md").write_text("# not weights")
+    (tmp_path / "model.pt").write_bytes(b"PK")  # a TorchScript export is a zip
     for weights, message in [
         (picture, "is a picture, not model weights. To read the digit in it: `lenet predict"),
         (tmp_path / "unfinished", "finish it with `lenet train --resume --out"),
+        (tmp_path / "unfinished" / "checkpoint.pt", "is the training checkpoint of a run"),
+        (tmp_path / "model.pt", "(TorchScript), for your own programs (`torch.jit.load`)"),
+        (run / "model.json", "is the model card; the weights are beside it"),
+        (tmp_path / "notes.md", "is not model weights: weights are a bundled model's name"),
     ]:
         done = _lenet("evaluate", str(weights), check=False)
         assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -114,7 +114,6 @@ def best_bundled() -> str:
 # What `lenet export` writes, by suffix: files that hold a model, but not the weights PyTorch
 # loads.
 EXPORTED_SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
-FORMAT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript"}
 
 
 # What `lenet train` writes in a run's folder when the run ends.
@@ -159,12 +158,38 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
                 f"`lenet predict {path}`; weights are a bundled model's name, a .safetensors "
                 "file or a run folder."
             )
-        if path.suffix.lower() in EXPORTED_SUFFIXES:
+        from lenet.checkpoint import CHECKPOINT_NAME
+
+        if path.name == CHECKPOINT_NAME:
+            # Also a .pt file, but no export: what --resume continues from.
             raise WeightsError(
-                f"{path} is an exported model "
-                f"({FORMAT_NAMES[EXPORTED_SUFFIXES[path.suffix.lower()]]}); this "
-                "needs the PyTorch weights (.safetensors) it was exported from. (`lenet predict "
-                "--backend onnx` and `lenet serve --backend onnx` run .onnx files.)"
+                f"{path} is the training checkpoint of a run (what `lenet train --resume` "
+                f"continues from), not its weights: give the run folder {path.parent} or its "
+                f"{RUN_WEIGHTS_NAME}, written when the run ends."
+            )
+        kind = EXPORTED_SUFFIXES.get(path.suffix.lower())
+        if kind == "onnx":
+            raise WeightsError(
+                f"{path} is an exported model (ONNX); this needs the PyTorch weights "
+                "(.safetensors) it was exported from. (`lenet predict --backend onnx` and "
+                "`lenet serve --backend onnx` run .onnx files.)"
+            )
+        if kind == "torchscript":
+            raise WeightsError(
+                f"{path} is an exported model (TorchScript), for your own programs "
+                "(`torch.jit.load`); lenet reads with the PyTorch weights (.safetensors) it was "
+                "exported from, or with an ONNX export (`lenet export WEIGHTS --out model.onnx`)."
+            )
+        if path.suffix.lower() == ".json" and path.with_suffix(".safetensors").is_file():
+            raise WeightsError(
+                f"{path} is the model card; the weights are beside it: "
+                f"{path.with_suffix('.safetensors')}."
+            )
+        if path.suffix.lower() != ".safetensors" and not card_path(path).is_file():
+            raise WeightsError(
+                f"{path} is not model weights: weights are a bundled model's name, a "
+                ".safetensors file with its model card (.json) beside it, or the run folder "
+                "written by `lenet train`."
             )
         return path
     names = ", ".join(bundled) or "none"
