@@ -3,6 +3,7 @@
 import asyncio
 import importlib.util
 import io
+import json
 import os
 import re
 import subprocess
@@ -76,7 +77,9 @@ def test_health_readiness_models_and_docs(client):
     expected = "onnx" if importlib.util.find_spec("onnxruntime") else "torch"
     assert models["backend"] == expected
     assert {m["name"] for m in models["models"]} >= {"lenet", "lenet-relu"}
-    assert models["loaded"] == ready.json()["model"]
+    assert models["loaded"] == ready.json()["model"] == models["serving"]["name"]
+    bundled = {m["name"]: m["card"] for m in models["models"]}
+    assert models["serving"]["card"] == bundled[models["loaded"]]
     assert all(m["card"]["parameters"] > 0 for m in models["models"])
     # Where the bundled models were built is nobody's business.
     assert all("out" not in m["card"]["config"] for m in models["models"])
@@ -984,3 +987,21 @@ def test_reading_processes_end_when_the_server_is_killed():
         while any(map(_alive, started)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [pid for pid in started if _alive(pid)]
+
+
+def test_models_shows_the_card_of_weights_given_to_serve(tmp_path):
+    # `lenet serve --weights RUN`: the architecture's name alone would read as the bundled
+    # model's; the card says which weights answer.
+    import shutil
+
+    from lenet.weights import bundled_weights, card_path, read_card
+
+    mine = tmp_path / "mine.safetensors"
+    shutil.copy(bundled_weights()["lenet"], mine)
+    card = read_card(bundled_weights()["lenet"]) | {"created": "by this test"}
+    card_path(mine).write_text(json.dumps(card))
+    served = ServeSettings(weights=str(mine), backend="torch", reading="threads", readers=1)
+    with TestClient(create_app(served)) as client:
+        models = client.get("/v1/models").json()
+    assert models["loaded"] == "lenet" and models["serving"]["card"]["created"] == "by this test"
+    assert all(m["card"]["created"] != "by this test" for m in models["models"])

@@ -467,13 +467,17 @@ def create_app(
     def models() -> schemas.ModelsOut:
         from lenet.weights import bundled_weights, read_card
 
-        loaded = service.recognizer.name if service.recognizer else None
+        recognizer = service.recognizer
+        loaded = recognizer.name if recognizer else None
+        serving = (
+            schemas.ModelOut(name=recognizer.name, card=recognizer.card) if recognizer else None
+        )
         listed = [
             schemas.ModelOut(name=name, card=read_card(path))
             for name, path in bundled_weights().items()
         ]
         backend = service.recognizer.backend_name if service.recognizer else settings.backend
-        return schemas.ModelsOut(loaded=loaded, backend=backend, models=listed)
+        return schemas.ModelsOut(loaded=loaded, serving=serving, backend=backend, models=listed)
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict[str, str]:

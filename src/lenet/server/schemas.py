@@ -56,7 +56,10 @@ class ModelOut(BaseModel):
 class ModelsOut(BaseModel):
     """The bundled models, and the one this service answers with."""
 
-    loaded: str | None
+    loaded: str | None  # the served model's architecture name (None while it loads)
+    # The served model with the card of its weights: a bundled model's, or that of the
+    # weights given to `lenet serve --weights` (which `loaded` alone would not tell apart).
+    serving: ModelOut | None
     backend: str
     models: list[ModelOut]
 
