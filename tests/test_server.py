@@ -618,20 +618,21 @@ def test_serve_announces_the_port_it_bound_and_only_once_bound():
     finally:
         process.terminate()
         process.wait(20)
-    # A port already taken: uvicorn's error, and no "ready" line before it.
+    # A port already taken: said before serving, with what to do, and no "ready" line.
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", free_port()))
         taken.listen()
+        port = taken.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "lenet", "serve", "--port", str(taken.getsockname()[1])],
+            [sys.executable, "-m", "lenet", "serve", "--port", str(port)],
             capture_output=True,
             text=True,
             timeout=120,
         )
-    assert done.returncode != 0 and "ready" not in done.stdout, done.stdout
-    assert "address already in use" in (done.stdout + done.stderr).lower()
+    assert done.returncode == 2 and "ready" not in done.stdout, done.stdout
+    assert f"Port {port} on 127.0.0.1 is in use" in done.stderr and "--port 0" in done.stderr
     bad = _serve_at_once("--timeout", "nan")
     assert bad.returncode == 2 and "--timeout must be a positive number" in bad.stderr
     both = _serve_at_once("--port", "0", "--workers", "2")

@@ -717,6 +717,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Refuse a port this process cannot listen on with what to do, rather than uvicorn's bare
+    "[Errno 98] address already in use" after start-up."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise LenetError(
+            f"--host {host} is not a name or address this machine knows ({exc})."
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            reason = {
+                errno.EADDRINUSE: "is in use (another lenet serve, or another server?)",
+                errno.EACCES: "needs more privileges than this user has (ports under 1024)",
+                errno.EADDRNOTAVAIL: "is not on an address of this machine",
+            }.get(exc.errno or 0, f"cannot be listened on ({exc.strerror})")
+            raise LenetError(
+                f"Port {port} on {host} {reason}: choose another with --port N, or --port 0 "
+                "for a free one."
+            ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from lenet.server import ServeSettings
@@ -739,6 +770,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Loaded here, so that a wrong --weights or --backend is reported before serving.
     settings = ServeSettings(weights=args.weights, backend=args.backend)
     recognizer = Recognizer.load(args.weights, backend=serving_backend(settings))
+    _check_can_listen(args.host, args.port)
     settings = ServeSettings(
         weights=args.weights,
         backend=recognizer.backend_name,
