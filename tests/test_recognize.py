@@ -365,3 +365,25 @@ def test_torch_backend_answers_a_large_batch_in_chunks_as_forward_does(mnist):
     assert got.shape == (TORCH_CHUNK + 37, 10)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_predict_cli_names_empty_folders_and_keeps_pillow_warnings_out(test_digits, tmp_path):
+    images, _ = test_digits
+    empty = tmp_path / "nothing here"
+    empty.mkdir()
+    alone = lenet_cli("predict", str(empty))
+    assert alone.returncode == 2 and "No image files (.png" in alone.stderr.decode()
+    assert str(empty) in alone.stderr.decode()
+    picture = tmp_path / "d.png"
+    Image.fromarray(images[0]).save(picture)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(userstyle.png_claiming(12_000, 12_000))  # 144 million pixels
+    done = lenet_cli("predict", str(empty), str(picture), str(bomb), "--json")
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(picture), str(bomb)]
+    assert "over the limit of 40,000,000" in lines[1]["error"]
+    stderr = done.stderr.decode()
+    assert str(empty) in stderr and "Warning" not in stderr, stderr
+    # --max-pixels sets the limit, as for `lenet serve`.
+    small = lenet_cli("predict", str(picture), "--json", "--max-pixels", "100")
+    assert "over the limit of 100" in json.loads(small.stdout)["error"]

@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights may be a .onnx file from `lenet export`); auto: onnxruntime when it is "
         "installed and the model has an ONNX export (the bundled ones do), else torch",
     )  # fmt: skip
+    predict.add_argument(
+        "--max-pixels", type=_positive_int, default=None, metavar="N",
+        help="largest picture, checked before decoding (default 40,000,000; Pillow itself "
+        "refuses pictures over about 179 million pixels)",
+    )  # fmt: skip
 
     export = commands.add_parser(
         "export",
@@ -604,22 +609,25 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand(paths: Sequence[str]) -> list[str]:
-    """Files as given, folders as the image files inside them (recursively, sorted)."""
+def _expand(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Files as given, folders as the image files inside them (recursively, sorted); and the
+    folders that held none."""
     from pathlib import Path
 
     from lenet.preprocess import IMAGE_SUFFIXES
 
-    out = []
+    out, empty = [], []
     for path in paths:
         if path != "-" and Path(path).is_dir():
             found = sorted(
                 str(p) for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
             )
             out += found
+            if not found:
+                empty.append(path)
         else:
             out.append(path)
-    return out
+    return out, empty
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -649,9 +657,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         unsure_below=UNSURE_BELOW if args.unsure_below is None else args.unsure_below,
         backend=command_line_backend(args.weights, args.backend),
     )
-    files = _expand(args.paths)
-    if not files:
-        raise LenetError("No image files found in the given folder(s).")
+    if args.max_pixels:
+        recognizer.max_pixels = args.max_pixels
+    files, empty = _expand(args.paths)
+    if empty:
+        from lenet.preprocess import IMAGE_SUFFIXES
+
+        kinds = ", ".join(IMAGE_SUFFIXES)
+        folders = ", ".join(empty)
+        if not files:
+            raise LenetError(f"No image files ({kinds}) in {folders}: nothing to read.")
+        # The other inputs are still answered; the empty folder is said, not hidden.
+        print(f"lenet predict: no image files ({kinds}) in {folders}", file=sys.stderr)
     if files.count("-") > 1:
         raise LenetError("- (standard input) can be read once: give it once.")
     failed = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +147,11 @@ def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | No
                 "path, bytes, a file object, a PIL image or a numpy array."
             )
         try:
-            image = Image.open(opened)
+            with warnings.catch_warnings():
+                # Pillow warns from about 89 million pixels; lenet's own limit, checked just
+                # below, refuses or accepts the picture with a clearer message.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(opened)
         except UnidentifiedImageError:
             known = _other_format(_head(source, data))
             if known is not None:
