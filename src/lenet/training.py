@@ -116,7 +116,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         if not force:
             raise RunDirError(
                 f"The run folder {run_dir} already holds a run. Continue it with --resume, "
-                "overwrite it with --force, or choose another --out."
+                "overwrite it with --force, or choose another --out (in Python: "
+                "train(config, resume=True) or force=True, or another config.out)."
             )
         for name in (CHECKPOINT_NAME, METRICS_NAME, CONFIG_NAME, WEIGHTS_NAME, "model.json"):
             (run_dir / name).unlink(missing_ok=True)
