@@ -212,6 +212,10 @@ def test_cli_trains_evaluates_and_refuses_to_overwrite(mnist, tmp_path):
     again = _lenet(*args, "--out", str(out), check=False)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert "Traceback" not in again.stderr
+    # Stopped at --target-accuracy: the summary says so, not just fewer epochs.
+    early = _lenet("train", "--model", "lenet-relu", "--epochs", "4", "--train-limit", "3000",
+                   "--target-accuracy", "0.3", "--out", str(tmp_path / "early"))  # fmt: skip
+    assert "after 1 of 4 epochs (target 30.00% reached)" in early.stdout, early.stdout
 
 
 def test_cli_ctrl_c_then_resume(mnist, tmp_path):

@@ -512,10 +512,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             if result.val_accuracy is not None
             else "no validation split held out"
         )
+        epochs = f"{result.epochs} epoch(s)"
+        target = result.config.target_accuracy
+        if target is not None and result.epochs < result.config.epochs:
+            # Stopped early: say why, or the fewer epochs look like a run cut short.
+            epochs = (
+                f"{result.epochs} of {result.config.epochs} epochs (target {target:.2%} reached)"
+            )
         print(
             f"{result.config.model} on {result.config.dataset}: test accuracy "
-            f"{result.test_accuracy:.2%} ({held_out}) after "
-            f"{result.epochs} epoch(s), {result.train_seconds:.1f} s of training "
+            f"{result.test_accuracy:.2%} ({held_out}) after {epochs}, "
+            f"{result.train_seconds:.1f} s of training "
             f"({result.samples_per_second:,.0f} samples/s)\n"
             f"weights: {result.weights} (model card beside it)\n"
             f"evaluate again with: lenet evaluate {shlex.quote(str(result.weights))}"
