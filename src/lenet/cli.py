@@ -239,8 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         "POST /v1/explain, GET /v1/models, /healthz, /readyz, /metrics, the API docs at /docs "
         "and a drawing page at /.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: all)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default 8000; 0: a free one)"
+    )
     serve.add_argument(
         "--weights",
         help="a bundled model, a weights file or a run folder (default: the most accurate)",
@@ -276,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS",
-        help="answer 503 to a request not answered within this (default 10)",
+        help="answer 503 to a request not answered within this, and 408 to an upload that "
+        "stops arriving for this long (default 10)",
     )  # fmt: skip
     serve.add_argument("--access-log", action="store_true", help="log every request")
 
