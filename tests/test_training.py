@@ -216,6 +216,11 @@ def test_cli_trains_evaluates_and_refuses_to_overwrite(mnist, tmp_path):
     early = _lenet("train", "--model", "lenet-relu", "--epochs", "4", "--train-limit", "3000",
                    "--target-accuracy", "0.3", "--out", str(tmp_path / "early"))  # fmt: skip
     assert "after 1 of 4 epochs (target 30.00% reached)" in early.stdout, early.stdout
+    # A run that ends at chance without diverging (the sigmoid network's first steps) says so.
+    chance = _lenet("train", "--model", "lenet", "--epochs", "1", "--train-limit", "1000",
+                    "--out", str(tmp_path / "chance"))  # fmt: skip
+    assert "has not started learning" in chance.stderr and "--train-limit" in chance.stderr
+    assert "not started learning" not in early.stderr
 
 
 def test_cli_ctrl_c_then_resume(mnist, tmp_path):

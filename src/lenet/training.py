@@ -589,6 +589,9 @@ def train(
     test = on_main(
         distributed, lambda: evaluate_model(final, data.test.images, data.test.labels, norm)
     )
+    classes = len(data.spec.classes)
+    if main and not warned_diverged and test.accuracy < 1.5 / classes:
+        print(_at_chance_note(config, test.accuracy, classes), file=sys.stderr)
     # Without a validation split there is nothing unseen to fit the temperature on.
     calibration = (
         on_main(distributed, lambda: calibrate(final, data, norm))
@@ -682,6 +685,17 @@ def _diverged(metrics: dict[str, Any], classes: int) -> bool:
     if math.isnan(loss) or math.isinf(loss):
         return True
     return loss > 2 * math.log(classes) and metrics["train_accuracy"] < 2 / classes
+
+
+def _at_chance_note(config: TrainConfig, accuracy: float, classes: int) -> str:
+    """A run that ended no better than guessing without having diverged: it has not started
+    learning yet (the sigmoid network sits at chance for its first few hundred steps)."""
+    more = " or on more images (a larger --train-limit)" if config.train_limit else ""
+    return (
+        f"note: test accuracy {accuracy:.2%} is no better than guessing one of {classes} "
+        f"classes: {config.model} has not started learning in this run. Train longer (more "
+        f"--epochs){more}; the weights are written all the same."
+    )
 
 
 def _diverged_warning(config: TrainConfig, metrics: dict[str, Any]) -> str:
