@@ -158,9 +158,9 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
                 f"`lenet predict {path}`; weights are a bundled model's name, a .safetensors "
                 "file or a run folder."
             )
-        from lenet.checkpoint import CHECKPOINT_NAME
-
-        if path.name == CHECKPOINT_NAME:
+        # lenet.checkpoint.CHECKPOINT_NAME; importing that module would import torch, which
+        # a serving install without it must not need here.
+        if path.name == "checkpoint.pt":
             # Also a .pt file, but no export: what --resume continues from.
             raise WeightsError(
                 f"{path} is the training checkpoint of a run (what `lenet train --resume` "
