@@ -15,8 +15,7 @@ import torch
 
 from lenet.atomic import write_bytes_atomic
 from lenet.errors import RunDirError
-
-CHECKPOINT_NAME = "checkpoint.pt"
+from lenet.weights import CHECKPOINT_NAME  # noqa: F401  (the run folder's names live there)
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:

@@ -118,6 +118,9 @@ EXPORTED_SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"
 
 # What `lenet train` writes in a run's folder when the run ends.
 RUN_WEIGHTS_NAME = "model.safetensors"
+# And what it keeps there while it runs (lenet.checkpoint writes it; named here, where finding
+# a run's files needs no torch).
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def run_weights(folder: Path) -> Path:
@@ -125,8 +128,6 @@ def run_weights(folder: Path) -> Path:
     weights = folder / RUN_WEIGHTS_NAME
     if weights.is_file():
         return weights
-    from lenet.checkpoint import CHECKPOINT_NAME
-
     hint = (
         f"the run has not finished: finish it with `lenet train --resume --out {folder}`"
         if (folder / CHECKPOINT_NAME).is_file()
@@ -158,9 +159,7 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
                 f"`lenet predict {path}`; weights are a bundled model's name, a .safetensors "
                 "file or a run folder."
             )
-        # lenet.checkpoint.CHECKPOINT_NAME; importing that module would import torch, which
-        # a serving install without it must not need here.
-        if path.name == "checkpoint.pt":
+        if path.name == CHECKPOINT_NAME:
             # Also a .pt file, but no export: what --resume continues from.
             raise WeightsError(
                 f"{path} is the training checkpoint of a run (what `lenet train --resume` "

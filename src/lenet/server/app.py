@@ -476,7 +476,7 @@ def create_app(
             schemas.ModelOut(name=name, card=read_card(path))
             for name, path in bundled_weights().items()
         ]
-        backend = service.recognizer.backend_name if service.recognizer else settings.backend
+        backend = recognizer.backend_name if recognizer else settings.backend
         return schemas.ModelsOut(loaded=loaded, serving=serving, backend=backend, models=listed)
 
     @app.get("/healthz", summary="The process is alive")
