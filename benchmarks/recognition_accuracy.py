@@ -1,15 +1,16 @@
 """How well the bundled model reads pictures like users send: the figures in the README.
 
     python benchmarks/recognition_accuracy.py [--weights NAME|FILE] [--per-style 500] [--lines 500]
-        [--long-lines 100] [--page-photos 100] [--seed 100]
+        [--long-lines 100] [--page-photos 100] [--blank-pages 100] [--seed 100]
 
 Pictures are built from MNIST *test* digits by tests/userstyle.py (the same generator the
 tests use, with other seeds): paper photos as JPEG and PNG, canvas exports with transparency,
 light chalk on a dark board, paper scans with a dark edge along one to three sides, digits in pen
 on ruled or squared paper photographed a little askew, pages in poor light, digits written in a
-form's boxes, bold digits cropped tightly, small digits in 12-megapixel photos; lines of 2 to 6
-digits and of 12 to 30; pairs of touching digits; numbers written one digit to a box; digits
-typed in fonts; and pictures with no digit at all.
+form's boxes, bold digits cropped tightly, faint pencil, small digits in 12-megapixel photos;
+lines of 2 to 6 digits and of 12 to 30; pairs of touching digits; numbers written one digit
+to a box; digits typed in fonts; and pictures with no digit at all, blank pages of each style
+among them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main() -> None:
         "--page-photos", type=int, default=100, help="small digits in 12-megapixel photos"
     )
     parser.add_argument(
+        "--blank-pages", type=int, default=100, help="pictures of each style with no digit"
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=100,
@@ -75,6 +79,9 @@ def main() -> None:
     for style in sorted(userstyle.STYLES):
         single_digits(f"single digit, {style}", userstyle.STYLES[style], args.per_style)
     single_digits("single digit, bold, cropped tightly", userstyle.tight, args.per_style)
+    single_digits(
+        "single digit in faint ink (pencil, or too little light)", userstyle.faint, args.per_style
+    )
     single_digits(
         f"single digit 60-160 px tall in a 12-megapixel photo ({args.page_photos})",
         userstyle.page_photo,
@@ -143,6 +150,20 @@ def main() -> None:
     blanks += [np.tile(np.linspace(40, 230, 320), (240, 1)).astype(np.uint8)]
     answered = sum(reader.predict(png(b)).digit is not None for b in blanks)
     print(f"| pictures with no digit answered with a digit | {answered} of {len(blanks)} | | |")
+    # Blank pages in each style: the same pictures with no digit written on them, where
+    # "no digit found" is the right answer (and "correct" the share that got it).
+    nothing = np.zeros((28, 28), np.uint8)
+    for style in sorted(userstyle.STYLES):
+        rng = np.random.default_rng(args.seed)
+        answers = reader.predict_batch(
+            [userstyle.STYLES[style](nothing, rng) for _ in range(args.blank_pages)]
+        )
+        missing = sum(a.reason == "no digit found" for a in answers)
+        unsure = sum(a.reason == "unsure" for a in answers)
+        print(
+            f"| blank page, {style} ({len(answers)}; no digit is right) "
+            f"| {missing / max(len(answers), 1):.1%} | {unsure} | {missing} |"
+        )
 
 
 if __name__ == "__main__":

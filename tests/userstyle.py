@@ -58,6 +58,19 @@ def paper(digit: np.ndarray, rng: np.random.Generator, fmt: str = "JPEG") -> byt
     return _encode(Image.fromarray(rgb), fmt, **({"quality": 85} if fmt == "JPEG" else {}))
 
 
+def faint(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """Faint ink: pencil on white paper, or a photo taken in too little light (grey or dark
+    paper), the ink 6-20% of the full range darker than the paper, light grain, JPEG. Not among
+    STYLES: read less well than those (see the README)."""
+    size = int(rng.integers(40, 220))
+    layer = _sheet(_stroke(digit, size, rng), rng, 4, (300, 400))
+    h, w = layer.shape
+    page = rng.uniform(0.2, 0.95) - np.linspace(0, rng.uniform(0, 0.1), w)[None, :]
+    grey = page - layer * rng.uniform(0.06, 0.2) + rng.normal(0, rng.uniform(0.005, 0.02), (h, w))
+    photo = Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8))
+    return _encode(photo, "JPEG", quality=85)
+
+
 def shadow(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """Dark ink on paper photographed in poor light: the shadow of a hand or a phone over part
     of the page, with a soft edge, and the light falling off towards the corners. Paper in the

@@ -77,6 +77,16 @@ STROKES_OVER_SPECKS = 20
 # from the typical pixel to the strongest ink) is sparse: the background estimate then keeps
 # a shadow's edges (see _find_ink). Tight crops of bold digits cover 35-50%.
 SPARSE_INK = 0.15
+# The faintest ink looked for: how much farther from the paper than the typical pixel the
+# strongest ink is (3x3 means), as a share of the full range, above the paper's own noise.
+# Pencil on white paper and photos in too little light are 6-20%: at 0.15 most of those were
+# "no digit found" (userstyle.faint: 39% read right, 91.7% at 0.08; see the README). Ink
+# fainter than CLEAR_INK that spans the picture is taken for the paper's printed lines.
+FAINTEST_INK = 0.08
+CLEAR_INK = 0.15
+# A lone piece of ink along a whole side reaching in at most this share of the picture can be
+# a scanner's edge (see _straight_band).
+STRAIGHT_BAND_DEPTH = 0.2
 # Pixels touching by a side are one piece of ink (ndimage.label's default, given once: building
 # it on every call cost a fifth of the labelling).
 SIDE_NEIGHBOURS = ndimage.generate_binary_structure(2, 1)
@@ -117,11 +127,18 @@ def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | No
             path = Path(source)
             if path.is_dir():
                 raise ImageError(f"{path} is a folder, not an image.")
-            if not path.is_file():
+            if not path.exists():
                 raise ImageError(f"{path}: no such file.")
-            if path.stat().st_size == 0:
-                raise ImageError(f"{path} is empty (0 bytes).")
             opened: Any = path  # Pillow reads only the header until pixels are asked for
+            if not path.is_file():
+                # A pipe (`lenet predict <(curl ...)`) or a device: read once, as it comes.
+                try:
+                    data = path.read_bytes()
+                except OSError as exc:
+                    raise ImageError(f"{path} cannot be read ({exc.strerror}).") from None
+                opened = io.BytesIO(data)
+            if (len(data) if data is not None else path.stat().st_size) == 0:
+                raise ImageError(f"{path} is empty (0 bytes).")
         elif isinstance(source, (bytes, bytearray, memoryview)):
             if not len(source):
                 raise ImageError("The image is empty (0 bytes).")
@@ -164,11 +181,14 @@ def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | No
             ) from None
         except Image.DecompressionBombError as exc:
             # Pillow's own guard, met before lenet's check (which needs the size it refuses).
+            # It can be the lower of the two when lenet's was raised.
             claimed = re.search(r"\((\d+) pixels\)", str(exc))
             size = f" (it has {int(claimed.group(1)):,})" if claimed else ""
+            pillows = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else max_pixels
+            whose = "lenet" if max_pixels <= pillows else "Pillow (the image library)"
             raise ImageTooLarge(
-                f"The image is over the limit of {max_pixels:,} pixels lenet decodes{size}. "
-                "Scale it down (a digit needs only a few hundred pixels a side)."
+                f"The image is over the limit of {min(max_pixels, pillows):,} pixels {whose} "
+                f"decodes{size}. Scale it down (a digit needs only a few hundred pixels a side)."
             ) from None
         except Exception as exc:  # decoders raise many types on damaged headers
             raise ImageError(
@@ -180,10 +200,13 @@ def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | No
                 f"Supported: {SUPPORTED}."
             )
     width, height = image.size
-    if width * height > max_pixels:
+    decoded = _decoded_pixels(image)
+    if decoded > max_pixels:
+        shrunk = f" ({decoded:,} as decoded)" if decoded != width * height else ""
         raise ImageTooLarge(
-            f"The image is {width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{max_pixels:,}. Scale it down (a digit needs only a few hundred pixels a side)."
+            f"The image is {width}x{height} = {width * height:,} pixels{shrunk}, over the limit "
+            f"of {max_pixels:,}. Scale it down (a digit needs only a few hundred pixels a "
+            "side), or raise the limit (lenet predict --max-pixels N, Recognizer.max_pixels)."
         )
     if width == 0 or height == 0:
         raise ImageError("The image has no pixels.")
@@ -276,6 +299,22 @@ def work_scale(width: int, height: int) -> float:
     """The scale (at most 1) at which a ``width`` x ``height`` picture is analysed."""
     scale = max(WORK_MAX_SIDE / max(width, height), WORK_MIN_SIDE / min(width, height))
     return min(1.0, scale, (WORK_MAX_PIXELS / (width * height)) ** 0.5)
+
+
+def _decoded_pixels(image: Image.Image) -> int:
+    """How many pixels decoding ``image`` makes at most (a closer look included): a JPEG's
+    decoder shrinks a large picture by 2, 4 or 8 as it decodes (Pillow's draft mode, see
+    _to_grey), so a 50-megapixel phone photo is decoded as 3 megapixels; other formats are
+    decoded whole. (The time to decode a JPEG follows its file's size, which the service
+    limits.)"""
+    width, height = image.size
+    if image.format not in ("JPEG", "MPO") or not width or not height:
+        return width * height
+    factor = min(1.0, CLOSER_LOOK * work_scale(width, height))
+    shrink = 1
+    while shrink < 8 and factor <= 1.0 / (2 * shrink):
+        shrink *= 2
+    return -(-width // shrink) * -(-height // shrink)
 
 
 def _whole_shrink(size: tuple[int, int], detail: float = 1.0) -> int:
@@ -615,7 +654,7 @@ def _find_ink(picture: Picture) -> InkMap | None:
         # The same strongest ink as above, read off the 3x3 means already computed.
         peak = min(max(strongest - float(background), 0.0), 1.0)
     x = np.clip(x - background, 0.0, 1.0)
-    if peak < 0.15:
+    if peak < FAINTEST_INK:
         return None
     # Paper grain and sensor noise: the spread of the background, measured on the pixels
     # clearly short of the strongest ink. The ink is left out: a bold digit cropped tightly
@@ -703,6 +742,12 @@ def _find_ink(picture: Picture) -> InkMap | None:
     kept = keep[labels]
     if kept.sum() < 6:
         return None
+    if peak < CLEAR_INK:
+        # Faint ink that runs from side to side of the picture is the paper's printing (a
+        # squared page's light lines, too few to be found as ruling), not a faint digit.
+        ky0, ky1, kx0, kx1 = bounds(kept)
+        if (y0 + ky0 == 0 and y0 + ky1 == height) or (x0 + kx0 == 0 and x0 + kx1 == width):
+            return None
     # The rest of the way (here, grouping the strokes, the MNIST construction) needs only the
     # strokes and the faint edges next to them: cutting the maps to that window spares each
     # later step a pass over the whole picture (labelling it again cost as much as decoding).
@@ -755,7 +800,13 @@ def _border_strips(
     candidates = np.flatnonzero(edge & np.logical_or.reduce(list(long_sides.values())))
     inside = np.flatnonzero(~edge & (sizes >= max(3.0, NOISE_SPECK * height * width)))
     inside = inside[inside > 0]
-    if not len(candidates) or not len(inside):
+    if not len(candidates):
+        return strips
+    if not len(inside):
+        # Nothing but ink at the edge: a blank page with a scanner's edge, or a tightly cropped
+        # digit. Only a straight band along a whole side is taken for an edge here.
+        for label in candidates:
+            strips[label] = _straight_band(labels == label, contact, label, shape)
         return strips
     boxes = ndimage.find_objects(labels)
     reach = max(
@@ -777,6 +828,41 @@ def _border_strips(
         if band.any() and np.count_nonzero(region & band) >= 0.9 * sizes[label]:
             strips[label] = True
     return strips
+
+
+def _straight_band(
+    region: np.ndarray, contact: dict[str, np.ndarray], label: int, shape: tuple[int, int]
+) -> bool:
+    """Whether ``region`` (one piece of ink, ``label``) is a straight band along a whole side:
+    it covers nearly all of that side, reaches in a small share of the picture, and how far
+    it reaches changes along the side as a straight (possibly skewed) edge does, not as a
+    stroke's does. On blank scans with a dark edge along one to three sides (userstyle.scan
+    without a digit, 100 of them, an ad-hoc count) 58 were read as a digit (mostly 1) before
+    this rule. A tightly cropped 1 is wide for its picture or leans or wobbles, and a stroke
+    joined to a band leaves much of the piece outside it."""
+    height, width = shape
+    band = np.zeros_like(region)
+    for side, counts in contact.items():
+        along, across = (width, height) if side in ("top", "bottom") else (height, width)
+        if counts[label] < 0.95 * along:
+            continue
+        # (``region`` may be cut to the box around the ink; ``shape`` is the whole picture's.)
+        view = _from_side(region, side)
+        # How far the piece reaches in from this side along each line (0 where it is absent).
+        depth = np.where(view.all(0), view.shape[0], np.argmin(view, axis=0)).astype(np.float64)
+        typical = float(np.median(depth))
+        if not 0 < typical <= STRAIGHT_BAND_DEPTH * across:
+            continue
+        # A straight edge, fitted on the lines where the band is alone (another side's band
+        # crossing it, in a corner, reaches far deeper).
+        positions = np.arange(len(depth), dtype=np.float64)[depth <= 2 * typical + 2]
+        alone = depth[depth <= 2 * typical + 2]
+        slope, offset = np.polyfit(positions, alone, 1)
+        off_line = np.abs(alone - (slope * positions + offset))
+        if len(alone) >= 0.5 * len(depth) and np.mean(off_line <= 2 + 0.1 * typical) >= 0.9:
+            _from_side(band, side)[: int(2 * typical) + 2] = True
+    # Nearly all of the piece within the bands (an L or a U along two or three sides is).
+    return bool(band.any()) and np.count_nonzero(region & band) >= 0.9 * np.count_nonzero(region)
 
 
 def _around_strokes(
