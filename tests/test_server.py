@@ -202,6 +202,7 @@ BAD = {
         "bad_request",
         "empty",
     ),
+    "bare post: no body, no content type": ({}, 422, "bad_request", "no picture"),
     "truncated png": ({"files": {"image": "TRUNCATED"}}, 422, "undecodable", "truncated"),
     "text named png": (
         {"files": {"image": ("d.png", b"not a picture at all")}},

@@ -69,6 +69,18 @@ def test_without_validation_the_held_out_images_are_trained_on(small_mnist, tmp_
     # Evaluating on the images it was trained on says so (`lenet evaluate` prints a note).
     assert evaluate(result.weights, split="val").trained_on
     assert not evaluate(result.weights, split="test").trained_on
+    # With --train-limit, only the first N images were seen: on a 60,000-image split,
+    # --no-validation and a limit under 55,000 leave the validation images unseen.
+    from lenet.evaluation import images_trained_on
+
+    card = {"config": {"validation": False, "train_limit": 1000}}
+    assert images_trained_on(card, "train", 55_000) == 1000
+    assert images_trained_on(card, "val", 5000) == 0
+    card["config"]["train_limit"] = 57_000
+    assert images_trained_on(card, "val", 5000) == 2000
+    card["config"]["validation"] = True
+    assert images_trained_on(card, "val", 5000) == 0
+    assert images_trained_on(card, "test", 10_000) == 0
     held_out = train(
         resolve_config("mlp", epochs=1, out=str(tmp_path / "held-out")),
         dataset=small_mnist,

@@ -17,22 +17,34 @@ from lenet.errors import LenetError, TrainingInterrupted
 DATASET_NAMES = tuple(DATASETS)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+def _number(text: str) -> float:
+    """``text`` as a number, or an error argparse shows as it is (its default message names
+    the checking function, which means nothing to a user)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value:  # not a number, or "nan"
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _number(text)  # 4e7 and 40_000_000 as well as 40000000
+    if not (1 <= value < float("inf") and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(value)
+
+
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] such as 0.99, got {text}")
     return value
 
 
 def _threshold(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(
             f"must be in [0, 1] such as 0.5 (0: never unsure), got {text}"
@@ -437,24 +449,42 @@ def cmd_models(args: argparse.Namespace) -> int:
 _RUNTIME_OPTIONS = ("device", "threads", "data_dir", "out", "resume", "force", "json", "plots")
 
 
+def _saved_run_config(run_dir: str) -> dict | None:
+    """The settings a run folder's run was started with (its config.json), if readable."""
+    from pathlib import Path
+
+    from lenet.training import CONFIG_NAME
+
+    try:
+        saved = json.loads((Path(run_dir) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lenet.config import resolve_config
     from lenet.training import train
 
     if args.resume:
-        given = [
-            "--" + key.replace("_", "-")
-            for key, value in vars(args).items()
-            if value is not None and key not in (*_RUNTIME_OPTIONS, "command")
-        ]
-        if given:
-            raise LenetError(
-                f"--resume continues a run with the settings it was started with; "
-                f"{', '.join(given)} cannot change. Only --device, --threads and --data-dir "
-                "may be given with --resume (or start a new run without it)."
-            )
         if not args.out:
             raise LenetError("--resume needs --out: the folder of the run to continue.")
+        # The run's own command with --resume added works: options equal to the run's
+        # settings pass, and only a change is refused.
+        saved = _saved_run_config(args.out)
+        changed = [
+            "--" + key.replace("_", "-")
+            for key, value in vars(args).items()
+            if value is not None
+            and key not in (*_RUNTIME_OPTIONS, "command")
+            and (saved is None or saved.get(key) != value)
+        ]
+        if changed:
+            raise LenetError(
+                f"--resume continues a run with the settings it was started with; "
+                f"{', '.join(changed)} cannot change. Only --device, --threads, --data-dir, "
+                "--json and --plots may differ with --resume (or start a new run without it)."
+            )
     config = resolve_config(
         args.model or "lenet",
         args.recipe or "default",
@@ -480,6 +510,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         out=args.out,
     )
+    if args.momentum is not None and config.optimizer != "sgd":
+        raise LenetError(
+            f"--momentum is for --optimizer sgd; {config.optimizer} keeps its own running "
+            "averages (its betas) and ignores it. Leave --momentum out, or add --optimizer sgd."
+        )
     if args.resume and args.force:
         raise LenetError("--resume and --force contradict each other: choose one.")
     if args.plots:
@@ -503,7 +538,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # rank 0 reports the run
     curves = None
     if args.plots:
-        from lenet.report import CURVES_NAME
+        from lenet.training import CURVES_NAME
 
         title = f"Learning curves: {result.config.model}, {result.run_dir.name}"
         curves = plots.learning_curves(result.history, result.run_dir / CURVES_NAME, title)
@@ -564,9 +599,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{result.count:,} images in {result.seconds:.2f} s\n"
     )
     if result.trained_on:
+        which = (
+            f"these {result.count:,} images"
+            if result.trained_on_images == result.count
+            else f"the first {result.trained_on_images:,} of these images (--train-limit)"
+        )
         print(
-            f"note: the model was trained on these {result.count:,} images: this says how well "
-            "it fits them, not how well it reads digits it has not seen (use --split test).\n"
+            f"note: the model was trained on {which}: this says how well it fits them, not "
+            "how well it reads digits it has not seen (use --split test).\n"
         )
     print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>7}")
     for name, p, r, f in zip(result.classes, result.precision, result.recall, result.f1):
@@ -627,20 +667,44 @@ def _expand(paths: Sequence[str]) -> tuple[list[str], list[str]]:
     folders that held none."""
     from pathlib import Path
 
-    from lenet.preprocess import IMAGE_SUFFIXES
-
     out, empty = [], []
     for path in paths:
         if path != "-" and Path(path).is_dir():
-            found = sorted(
-                str(p) for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            found = _images_in(path)
             out += found
             if not found:
                 empty.append(path)
         else:
             out.append(path)
     return out, empty
+
+
+def _images_in(folder: str) -> list[str]:
+    """The image files in ``folder`` and the folders below it, sorted. Linked folders are
+    followed (each real folder once, so a link to a parent ends); hidden files and folders
+    (a name starting with a dot: macOS's ._ copies, .git) are passed over, as is a folder
+    whose name ends like an image's."""
+    import os
+
+    from lenet.preprocess import IMAGE_SUFFIXES
+
+    found, seen = [], set()
+    for top, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in files:
+            path = os.path.join(top, name)
+            if (
+                not name.startswith(".")
+                and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+                and (os.path.isfile(path) or os.path.islink(path))  # a broken link is said
+            ):
+                found.append(path)
+    return sorted(found)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -748,13 +812,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _check_can_listen(host: str, port: int) -> None:
-    """Refuse a port this process cannot listen on with what to do, rather than uvicorn's bare
-    "[Errno 98] address already in use" after start-up."""
+    """Refuse a port or host this process cannot listen on with what to do, rather than
+    uvicorn's bare "[Errno 98] address already in use" after start-up. (Port 0, any free one,
+    is probed too: the host may still be wrong.)"""
     import errno
     import socket
 
-    if port == 0:
-        return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -767,10 +830,14 @@ def _check_can_listen(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise LenetError(
+                    f"--host {host} is not an address of this machine: give one it has, such "
+                    "as 127.0.0.1 (this machine only) or 0.0.0.0 (every network it is on)."
+                ) from None
             reason = {
                 errno.EADDRINUSE: "is in use (another lenet serve, or another server?)",
                 errno.EACCES: "needs more privileges than this user has (ports under 1024)",
-                errno.EADDRNOTAVAIL: "is not on an address of this machine",
             }.get(exc.errno or 0, f"cannot be listened on ({exc.strerror})")
             raise LenetError(
                 f"Port {port} on {host} {reason}: choose another with --port N, or --port 0 "

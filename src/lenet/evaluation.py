@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lenet.data.datasets import TRAIN_SPLIT_SIZE, VAL_SIZE
 from lenet.errors import ConfigError
 from lenet.models import Normalization, TrainingView
 
@@ -30,8 +31,10 @@ class EvalResult:
     split: str = ""
     classes: tuple[str, ...] = tuple(str(d) for d in range(10))
     # The model saw these images in training (the train split, or val after --no-validation):
-    # the figures then say how well it fits them, not how well it reads unseen digits.
+    # the figures then say how well it fits them, not how well it reads unseen digits. How
+    # many of them (the first ones): all, or fewer after --train-limit.
     trained_on: bool = False
+    trained_on_images: int = 0
 
     @property
     def precision(self) -> list[float]:
@@ -66,6 +69,7 @@ class EvalResult:
             "confusion": self.confusion.tolist(),
             "seconds": round(self.seconds, 4),
             "trained_on": self.trained_on,
+            "trained_on_images": self.trained_on_images,
         }
 
 
@@ -84,10 +88,21 @@ def dataset_of(card: dict[str, Any], name: str, asked: str | None = None) -> str
 
 
 def trained_on(card: dict[str, Any], split: str) -> bool:
-    """Whether the model whose card this is was trained on the images of ``split``."""
+    """Whether the model whose card this is was trained on any of the images of ``split``."""
+    return images_trained_on(card, split, VAL_SIZE if split == "val" else TRAIN_SPLIT_SIZE) > 0
+
+
+def images_trained_on(card: dict[str, Any], split: str, count: int) -> int:
+    """How many of the ``count`` images of ``split`` the model whose card this is was trained
+    on: the first ones. --train-limit N takes the first N of the training split, after it
+    the validation split when there is none (--no-validation)."""
+    config = card.get("config") or {}
+    limit = config.get("train_limit")
     if split == "train":
-        return True
-    return split == "val" and (card.get("config") or {}).get("validation") is False
+        return count if limit is None else min(limit, count)
+    if split == "val" and config.get("validation") is False:
+        return count if limit is None else min(max(limit - TRAIN_SPLIT_SIZE, 0), count)
+    return 0
 
 
 def described(
@@ -100,7 +115,8 @@ def described(
         dataset=dataset,
         split=split,
         classes=tuple(card.get("classes") or result.classes),
-        trained_on=trained_on(card, split),
+        trained_on=images_trained_on(card, split, result.count) > 0,
+        trained_on_images=images_trained_on(card, split, result.count),
     )
 
 

@@ -28,10 +28,9 @@ from lenet.evaluation import (
     evaluate_model,
     predict_logits,
 )
-from lenet.training import CONFIG_NAME, METRICS_NAME
+from lenet.training import CONFIG_NAME, CURVES_NAME, METRICS_NAME, REPORT_FOLDER
 
 REPORT_NAME = "report.html"
-CURVES_NAME = "learning_curves.png"
 GALLERY_SIZE = 32  # the most confident mistakes shown
 FIGURES = {
     "confusion_matrix": "confusion_matrix.png",
@@ -271,7 +270,7 @@ def default_out(source: ReportSource) -> Path:
     write into."""
     run_dir = source.run_dir
     if run_dir is not None and (source.history is not None or (run_dir / CONFIG_NAME).is_file()):
-        return run_dir / "report"
+        return run_dir / REPORT_FOLDER
     return Path(f"report-{source.name}")
 
 
@@ -357,10 +356,15 @@ def render_html(
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>",
     ]
     if r.trained_on:
+        seen = (
+            f"These {r.count:,} images were trained on"
+            if r.trained_on_images == r.count
+            else f"The first {r.trained_on_images:,} of these {r.count:,} images were trained on"
+        )
         parts.append(
-            f'<p class="note" id="seen-images"><b>These {r.count:,} images were trained on</b>: '
-            "the figures say how well the model fits them, not how well it reads digits it has "
-            "not seen (use the test split for that).</p>"
+            f'<p class="note" id="seen-images"><b>{seen}</b>: the figures say how well the '
+            "model fits them, not how well it reads digits it has not seen (use the test split "
+            "for that).</p>"
         )
     parts.append("<h2>Learning curves</h2>")
     if "learning_curves" in figures:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -60,6 +61,7 @@ from lenet.weights import RUN_WEIGHTS_NAME, save_weights
 WEIGHTS_NAME = RUN_WEIGHTS_NAME
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
+CURVES_NAME = "learning_curves.png"
 # TrainConfig fields that are places on the training machine, left out of model cards.
 MACHINE_PATHS = ("out", "data_dir")
 
@@ -101,26 +103,47 @@ def default_run_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.model}-{config.dataset}-{stamp}"
 
 
+# What a run writes into its folder (`lenet train --plots` the curves, `lenet report RUN` its
+# report folder): --force clears them all, so nothing of the old run is left beside the new.
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, CONFIG_NAME, WEIGHTS_NAME, "model.json", CURVES_NAME)
+REPORT_FOLDER = "report"
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     """Refuse to overwrite a previous run unless told to; refuse to resume nothing."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--out {run_dir} is a file, not a folder: choose another --out.")
     if resume:
         if not (run_dir / CHECKPOINT_NAME).is_file():
+            started = (run_dir / CONFIG_NAME).is_file()
             raise RunDirError(
-                f"--resume was given, but {run_dir} holds no {CHECKPOINT_NAME}. Check the "
-                "--out folder, or start a new run without --resume."
+                f"--resume was given, but {run_dir} holds no {CHECKPOINT_NAME}"
+                + (
+                    ": the run stopped before its first checkpoint, so there is nothing to "
+                    "continue. Start it again with --force instead of --resume."
+                    if started
+                    else ". Check the --out folder, or start a new run without --resume."
+                )
             )
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
+            ours = [name for name in RUN_FILES if (run_dir / name).exists()]
+            if not ours:
+                raise RunDirError(
+                    f"The folder {run_dir} is not empty (it holds "
+                    f"{', '.join(sorted(p.name for p in run_dir.iterdir())[:5])}, and no run): "
+                    "choose another --out, or give --force to write the run among those files."
+                )
             raise RunDirError(
                 f"The run folder {run_dir} already holds a run. Continue it with --resume, "
                 "overwrite it with --force, or choose another --out (in Python: "
                 "train(config, resume=True) or force=True, or another config.out)."
             )
-        for name in (CHECKPOINT_NAME, METRICS_NAME, CONFIG_NAME, WEIGHTS_NAME, "model.json"):
+        for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
+        if (run_dir / REPORT_FOLDER / "report.html").is_file():
+            shutil.rmtree(run_dir / REPORT_FOLDER)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -205,10 +228,11 @@ def input_normalization(config: TrainConfig, data: Dataset) -> Normalization:
 
 
 class _StopRequest:
-    """Turns the first Ctrl-C into a request to stop after the current batch.
+    """Turns the first Ctrl-C (or SIGTERM: a batch system's or `docker stop`'s request to end)
+    into a request to stop after the current batch.
 
     Stopping between batches means the checkpoint never holds a half-applied update. A second
-    Ctrl-C interrupts at once, as usual.
+    Ctrl-C interrupts at once, as usual (a second SIGTERM ends the process).
     """
 
     # Under torchrun a Ctrl-C reaches every rank, from the terminal and again from torchrun:
@@ -223,18 +247,21 @@ class _StopRequest:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
         def handler(_signum: int, _frame: object) -> None:
             self.requested = True
             if self.restore_on_first:
-                signal.signal(signal.SIGINT, previous)
+                for sig, action in previous.items():
+                    signal.signal(sig, action)
 
-        signal.signal(signal.SIGINT, handler)
+        for sig in previous:
+            signal.signal(sig, handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, action in previous.items():
+                signal.signal(sig, action)
 
 
 class _GroupStopRequest(_StopRequest):
@@ -372,6 +399,12 @@ def train(
             ),
         )
     if config.train_limit is not None:
+        if config.train_limit > len(data.train.labels) and main:
+            print(
+                f"note: --train-limit {config.train_limit:,} is more than the "
+                f"{len(data.train.labels):,} training images: all of them are used.",
+                file=sys.stderr,
+            )
         train_part = Split(
             data.train.images[: config.train_limit], data.train.labels[: config.train_limit]
         )
@@ -422,6 +455,14 @@ def train(
             running = {**running, "loss": 0.0, "correct": 0, "seen": 0}
         history = checkpoint["history"]
         train_seconds = checkpoint["train_seconds"]
+        finished = epoch >= config.epochs or (history and _reached(config, history[-1]))
+        if main and finished and (run_dir / WEIGHTS_NAME).is_file():
+            print(
+                f"note: the run in {run_dir} had already finished ({epoch} "
+                f"epoch{'' if epoch == 1 else 's'}): nothing is "
+                "trained; its weights are tested and saved again.",
+                file=sys.stderr,
+            )
     elif main:
         write_text_atomic(run_dir / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
 
@@ -526,7 +567,9 @@ def train(
             if stop.requested and next_batch < steps_per_epoch:
                 train_seconds += time.perf_counter() - started
                 save_state()
-                raise _interrupted(run_dir, f"in epoch {epoch + 1} at batch {next_batch}")
+                raise _interrupted(
+                    run_dir, f"in epoch {epoch + 1} at batch {next_batch}", distributed
+                )
 
             if distributed is not None:
                 running = distributed.sum_counts(running)
@@ -582,22 +625,26 @@ def train(
                 model.train()
             reached_target = _reached(config, metrics)
             if stop.requested and epoch < config.epochs and not reached_target:
-                raise _interrupted(run_dir, f"after epoch {epoch}")
+                raise _interrupted(run_dir, f"after epoch {epoch}", distributed)
 
     if distributed is not None:
         distributed.share_buffers(final)
-    test = on_main(
-        distributed, lambda: evaluate_model(final, data.test.images, data.test.labels, norm)
-    )
+    try:
+        test = on_main(
+            distributed, lambda: evaluate_model(final, data.test.images, data.test.labels, norm)
+        )
+        # Without a validation split there is nothing unseen to fit the temperature on.
+        calibration = (
+            on_main(distributed, lambda: calibrate(final, data, norm))
+            if config.validation
+            else uncalibrated()
+        )
+    except KeyboardInterrupt:
+        # The last epoch's checkpoint is written: resuming only tests and saves the weights.
+        raise _interrupted(run_dir, "after the last epoch, while testing", distributed) from None
     classes = len(data.spec.classes)
     if main and not warned_diverged and test.accuracy < 1.5 / classes:
         print(_at_chance_note(config, test.accuracy, classes), file=sys.stderr)
-    # Without a validation split there is nothing unseen to fit the temperature on.
-    calibration = (
-        on_main(distributed, lambda: calibrate(final, data, norm))
-        if config.validation
-        else uncalibrated()
-    )
     epochs_done = len(history)
     step_seconds = sum(h["epoch_seconds"] for h in history)
     card = {
@@ -664,10 +711,18 @@ def train(
     )
 
 
-def _interrupted(run_dir: Path, where: str) -> TrainingInterrupted:
+def _interrupted(
+    run_dir: Path, where: str, distributed: Distributed | None = None
+) -> TrainingInterrupted:
+    # Under torchrun, the same group size again: each rank resumes its own random stream.
+    launcher = (
+        "lenet train"
+        if distributed is None
+        else f"torchrun --standalone --nproc-per-node {distributed.world_size} -m lenet train"
+    )
     return TrainingInterrupted(
         f"Training interrupted {where}; a checkpoint is saved in {run_dir / CHECKPOINT_NAME}. "
-        f"Continue with:\n  lenet train --resume --out {run_dir}"
+        f"Continue with:\n  {launcher} --resume --out {run_dir}"
     )
 
 

@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # imported where used: the CLI reads DATASETS in a serving in
 # validation numbers of different runs are comparable.
 VAL_SPLIT_SEED = 20260101
 VAL_SIZE = 5000
+# The training split's size once the validation images are held out (both datasets have
+# 60,000 training images).
+TRAIN_SPLIT_SIZE = 60_000 - VAL_SIZE
 
 
 @dataclass(frozen=True)

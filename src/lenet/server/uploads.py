@@ -85,6 +85,9 @@ async def read_upload(request: Request, limit: int, stall_s: float = 10.0) -> by
     """
     content_type = request.headers.get("content-type", "").lower()
     is_form = content_type.startswith(MULTIPART)
+    if not content_type and _no_body(request):
+        # Nothing sent at all (a bare POST): what is missing is the picture, not its type.
+        raise BadUpload("The request has no picture (no body). Send the image's bytes.")
     if not is_form and not content_type.startswith(RAW_TYPES):
         shown = content_type or "none"
         raise UnsupportedImageFormat(
@@ -97,6 +100,12 @@ async def read_upload(request: Request, limit: int, stall_s: float = 10.0) -> by
     if not body:
         raise BadUpload("The picture is empty (0 bytes). Send the file's contents.")
     return body
+
+
+def _no_body(request: Request) -> bool:
+    """Whether the request says it has no body (length 0, or neither a length nor chunks)."""
+    headers = request.headers
+    return headers.get("content-length", "0").strip() == "0" and "transfer-encoding" not in headers
 
 
 class _BytesFormParser(MultiPartParser):
