@@ -244,14 +244,24 @@ def test_cli_ctrl_c_then_resume(mnist, tmp_path):
     deadline = time.monotonic() + 120
     while not (out / CHECKPOINT_NAME).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    # SIGTERM (a batch system's or `docker stop`'s) stops as a Ctrl-C does (SIGINT: the test
+    # above): after the batch, with a checkpoint.
+    process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert f"lenet train --resume --out {out}" in stderr and "Traceback" not in stderr
     refused = _lenet("train", "--resume", "--out", str(out), "--epochs", "5", check=False)
     assert refused.returncode == 2 and "--epochs cannot change" in refused.stderr
-    resumed = json.loads(_lenet("train", "--resume", "--out", str(out), "--json").stdout)
-    assert resumed["epochs"] == 2 and resumed["test_accuracy"] > 0.98
+    # The run's own options with --resume added are accepted: they change nothing.
+    resumed = _lenet("train", "--resume", "--out", str(out), "--json", "--model", "lenet-relu",
+                     "--epochs", "2")  # fmt: skip
+    assert json.loads(resumed.stdout)["epochs"] == 2
+    assert json.loads(resumed.stdout)["test_accuracy"] > 0.98
+    # --force starts over and leaves nothing of the old run (its curves, say) beside the new.
+    (out / "learning_curves.png").write_bytes(b"old curves")
+    again = _lenet("train", "--model", "lenet-relu", "--epochs", "1", "--train-limit", "512",
+                   "--out", str(out), "--force")  # fmt: skip
+    assert again.returncode == 0 and not (out / "learning_curves.png").exists()
 
 
 def test_cli_data_info_and_models(mnist):
@@ -291,9 +301,14 @@ def test_cli_data_info_and_models(mnist):
             ["train", "--no-validation", "--target-accuracy", "0.9"],
             "--no-validation trains without a validation split",
         ),
+        (["train", "--momentum", "0.5"], "--momentum is for --optimizer sgd; adam keeps"),
+        (["train", "--out", "{tmp}", "--epochs", "1"], "is not empty (it holds notes.txt, and no"),
+        (["predict", "-", "--topk", "three"], "--topk: must be a number, got 'three'"),
     ],
 )
 def test_cli_bad_input_gets_a_clear_message(args, message, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
     done = _lenet(*args, check=False)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
