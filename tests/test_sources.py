@@ -300,6 +300,10 @@ def test_verify_cli_fails_on_an_empty_folder(tmp_path, capsys):
     assert main(["data", "verify", "mnist", "--data-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert out.count("missing mnist/") == 4 and "lenet data fetch mnist" in out
+    # A file named as the folder is refused, rather than passed over for the cache's copies.
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["data", "verify", "mnist", "--data-dir", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 # The tiny set's validation split is too small for a standard deviation: torch warns.
@@ -324,6 +328,11 @@ def test_a_users_folder_receives_the_cache_copies_and_hears_of_damaged_ones(tmp_
     )
     info = datasets.describe("tiny", user)
     assert info["folder"] == str(cache) and "passed over" in info["files"][NAMES[0]]["detail"]
+    # `lenet data verify` says so in its exit status too (the data is usable, the folder not).
+    from lenet import cli
+
+    monkeypatch.setattr(cli, "DATASET_NAMES", (*cli.DATASET_NAMES, "tiny"))
+    assert cli.main(["data", "verify", "tiny", "--data-dir", str(user)]) == 1
     # Fetching into the user's folder: it receives the files (in its sub-folder for the
     # dataset), and the user's own damaged file is reported, never overwritten.
     report = fetch("tiny", data_dir=user)

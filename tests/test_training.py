@@ -194,7 +194,18 @@ def test_resume_without_a_checkpoint_or_with_a_damaged_one(small_mnist, tmp_path
         train(config, resume=True, dataset=small_mnist)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"garbage")
-    with pytest.raises(RunDirError, match="cannot be read"):
+    with pytest.raises(RunDirError, match="damaged or not one lenet wrote") as refused:
+        train(config, resume=True, dataset=small_mnist)
+    assert "weights_only" not in str(refused.value)  # torch's advice to load unsafely
+    # A PyTorch file that is no run's state (someone's own tensors) is refused the same way.
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "run" / CHECKPOINT_NAME)
+    with pytest.raises(RunDirError, match="damaged or not one lenet wrote"):
+        train(config, resume=True, dataset=small_mnist)
+    # A run that stopped before its first checkpoint (only its config.json): --force, not
+    # --resume, starts it again, and the message says so.
+    (tmp_path / "run" / CHECKPOINT_NAME).unlink()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(RunDirError, match="before its first checkpoint.*--force"):
         train(config, resume=True, dataset=small_mnist)
 
 

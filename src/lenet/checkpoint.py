@@ -17,6 +17,12 @@ from lenet.atomic import write_bytes_atomic
 from lenet.errors import RunDirError
 from lenet.weights import CHECKPOINT_NAME  # noqa: F401  (the run folder's names live there)
 
+# What every checkpoint lenet train writes holds (a file without them is no run's state).
+CHECKPOINT_KEYS = frozenset(
+    ("config", "model", "optimizer", "scheduler", "rng", "epoch", "next_batch", "running",
+     "history", "train_seconds")
+)  # fmt: skip
+
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Serialise ``state`` and replace the file at ``path`` atomically."""
@@ -33,10 +39,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"There is no checkpoint at {path}: nothing to resume. Start a new run instead "
             "(without --resume)."
         )
+    unusable = RunDirError(
+        f"The checkpoint {path} is damaged or not one lenet wrote: it cannot be resumed. Start "
+        "the run again with --force (or from another --out)."
+    )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged or foreign files
-        raise RunDirError(
-            f"The checkpoint {path} cannot be read ({type(exc).__name__}: {exc}). It may be "
-            "damaged; start a new run with --force."
-        ) from exc
+        # Not torch's own words: they advise weights_only=False, which would run code from
+        # the file, and filing an issue with PyTorch; neither helps here.
+        raise unusable from exc
+    if not isinstance(loaded, dict) or not CHECKPOINT_KEYS <= loaded.keys():
+        raise unusable
+    return loaded

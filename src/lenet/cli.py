@@ -64,6 +64,12 @@ def _mirror_url(text: str) -> str:
     return text
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=_positive_int, help="CPU threads (default: all cores), as for train"
+    )
+
+
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -243,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     ensemble.add_argument("--json", action="store_true", help="print one JSON summary")
     _add_data_dir(ensemble)
+    _add_threads(ensemble)
 
     serve = commands.add_parser(
         "serve",
@@ -317,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worst errors and reliability diagram into DIR (needs the plots extra)",
     )  # fmt: skip
     _add_data_dir(evaluate)
+    _add_threads(evaluate)
 
     report = commands.add_parser(
         "report",
@@ -339,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     _add_data_dir(report)
+    _add_threads(report)
 
     explain = commands.add_parser(
         "explain",
@@ -380,7 +389,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 def cmd_data_verify(args: argparse.Namespace) -> int:
     from lenet.data import verify
 
-    bad = 0
+    bad = damaged = 0
     for name in _datasets(args.dataset):
         for status in verify(name, args.data_dir):
             if status.ok:
@@ -391,9 +400,17 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
                 mark = "missing" if status.missing else "BAD    "
                 print(f"{mark} {name}/{status.name}: {status.detail}")
             bad += not status.ok
+            damaged += bool(status.ok and status.passed_over)
     if bad:
         print(f"{bad} file(s) missing or damaged: `lenet data fetch {args.dataset}` repairs them.")
-    return 1 if bad else 0
+    if damaged:
+        # The data is usable, but a folder the user keeps holds damaged copies: said in the
+        # exit status too, for scripts that check a folder they maintain.
+        print(
+            f"{damaged} damaged copy(ies) passed over (a verified copy is used instead): "
+            "delete them."
+        )
+    return 1 if bad or damaged else 0
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
@@ -953,6 +970,10 @@ def _run(args: argparse.Namespace) -> int:
         "explain": cmd_explain,
         "serve": cmd_serve,
     }
+    if getattr(args, "threads", None) and args.command != "train":  # train sets its own
+        from lenet.device import configure_threads
+
+        configure_threads(args.threads)
     return commands[args.command](args)
 
 
@@ -981,8 +1002,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # the shell's status for a process ended by SIGPIPE
     except OSError as exc:
-        # A file system or network problem no layer below anticipated: say what it was.
-        print(f"lenet: {exc.strerror or exc} ({exc.filename or 'no file name'}).", file=sys.stderr)
+        # A file system or network problem no layer below anticipated: say what it was, and
+        # for the usual ones what to do.
+        import errno
+
+        advice = {
+            errno.EEXIST: " A file is where a folder is needed: give another path.",
+            errno.ENOTDIR: " Part of the path is a file, not a folder: give another path.",
+            errno.EISDIR: " That is a folder: give a file's path.",
+            errno.EACCES: " This user may not write there: choose a folder you own.",
+            errno.EROFS: " That file system is read-only: choose another folder.",
+            errno.ENOSPC: " The disk is full: free some space or choose another disk.",
+        }.get(exc.errno or 0, "")
+        print(
+            f"lenet: {exc.strerror or exc} ({exc.filename or 'no file name'}).{advice}",
+            file=sys.stderr,
+        )
         return 2
 
 

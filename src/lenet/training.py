@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -504,6 +505,10 @@ def train(
 
         device_ids = [device.index] if device.type == "cuda" else None
         step_model = DistributedDataParallel(step_model, device_ids=device_ids)
+        # On a CPU, the compiled stages hand back plain-layout gradients for channels-last
+        # weights: DDP copies them into its buckets (a copy of the model's 44-62k gradients a
+        # step, nothing to act on) and warns once per rank that the strides differ.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
     if config.amp == "bf16":
         step_model = _Autocast(step_model, device.type)
 

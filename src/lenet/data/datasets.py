@@ -173,7 +173,16 @@ def cache_root() -> Path:
 def user_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
     """The folder the user named with ``--data-dir`` or ``LENET_DATA_DIR``, if any."""
     chosen = data_dir if data_dir is not None else os.environ.get("LENET_DATA_DIR")
-    return Path(chosen).expanduser() if chosen else None
+    if not chosen:
+        return None
+    folder = Path(chosen).expanduser()
+    if folder.exists() and not folder.is_dir():
+        named = "--data-dir" if data_dir is not None else "LENET_DATA_DIR"
+        raise DataError(
+            f"{named} {folder} is a file, not a folder: name the folder that holds (or is to "
+            "receive) the dataset files."
+        )
+    return folder
 
 
 def local_folders(spec: DatasetSpec, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
