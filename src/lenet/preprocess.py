@@ -206,7 +206,8 @@ def _open(source: ImageSource, max_pixels: int) -> tuple[Image.Image, bytes | No
         raise ImageTooLarge(
             f"The image is {width}x{height} = {width * height:,} pixels{shrunk}, over the limit "
             f"of {max_pixels:,}. Scale it down (a digit needs only a few hundred pixels a "
-            "side), or raise the limit (lenet predict --max-pixels N, Recognizer.max_pixels)."
+            "side), or raise the limit (--max-pixels N of lenet predict or lenet serve; in Python, "
+            "Recognizer.max_pixels)."
         )
     if width == 0 or height == 0:
         raise ImageError("The image has no pixels.")
