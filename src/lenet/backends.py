@@ -266,6 +266,9 @@ def resolve_onnx(name_or_path: str | os.PathLike[str] | None) -> Path:
     if str(name_or_path) in bundled:
         return bundled[str(name_or_path)]
     names = ", ".join(bundled) or "none"
+    if Path(name_or_path).suffix.lower() == ".onnx":
+        # A file's name, not a model's: the file is what is missing.
+        raise WeightsError(f"{name_or_path}: no such file.")
     raise WeightsError(
         f"{name_or_path} is neither an ONNX file nor a bundled model with an ONNX export "
         f"(bundled: {names}). Export one with `lenet export WEIGHTS --format onnx --out FILE`."
