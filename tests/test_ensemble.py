@@ -143,8 +143,9 @@ def test_unsound_ensembles_are_refused_with_a_reason(members, ensemble, tmp_path
 
     # A member trained on the validation split too would make the ensemble's temperature and
     # validation accuracy figures of images it has seen.
+    # (On all its images: with a --train-limit under 55,000 it would have seen none of them.)
     card = json.loads(members[1].with_suffix(".json").read_text())
-    card["config"]["validation"] = False
+    card["config"].update(validation=False, train_limit=None)
     other.with_suffix(".json").write_text(json.dumps(card))
     with pytest.raises(WeightsError, match="trained with --no-validation"):
         build_ensemble([members[0], other], tmp_path / "seen.safetensors")
