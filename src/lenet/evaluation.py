@@ -109,14 +109,15 @@ def described(
     result: EvalResult, name: str, card: dict[str, Any], dataset: str, split: str
 ) -> EvalResult:
     """``result`` with what was evaluated filled in from the model's name and card."""
+    seen = images_trained_on(card, split, result.count)
     return replace(
         result,
         model=name,
         dataset=dataset,
         split=split,
         classes=tuple(card.get("classes") or result.classes),
-        trained_on=images_trained_on(card, split, result.count) > 0,
-        trained_on_images=images_trained_on(card, split, result.count),
+        trained_on=seen > 0,
+        trained_on_images=seen,
     )
 
 

@@ -856,8 +856,8 @@ def _straight_band(
             continue
         # A straight edge, fitted on the lines where the band is alone (another side's band
         # crossing it, in a corner, reaches far deeper).
-        positions = np.arange(len(depth), dtype=np.float64)[depth <= 2 * typical + 2]
-        alone = depth[depth <= 2 * typical + 2]
+        near = depth <= 2 * typical + 2
+        positions, alone = np.arange(len(depth), dtype=np.float64)[near], depth[near]
         slope, offset = np.polyfit(positions, alone, 1)
         off_line = np.abs(alone - (slope * positions + offset))
         if len(alone) >= 0.5 * len(depth) and np.mean(off_line <= 2 + 0.1 * typical) >= 0.9:
